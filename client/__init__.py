@@ -1,0 +1,1 @@
+"""Site side of fedseg: data loading, local statistics and the ClientApp."""

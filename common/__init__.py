@@ -1,0 +1,1 @@
+"""Pure, Flower-free core of fedseg: k-means statistics, secure-sum encoding, the segment model."""

@@ -1,0 +1,252 @@
+"""Exact secure sums through SecAgg+: encode site statistics so the server recovers sums.
+
+Flower's SecAgg+ (``secaggplus_mod`` / ``SecAggPlusWorkflow``) reveals only
+``sum_i(q_i * quantise(v_i)) / sum_i(q_i)`` of the sites' vectors, after clipping every entry to
+``[-clipping_range, clipping_range]`` and stochastically rounding it onto ``quantization_range``
+levels. Scaling floats into that range loses precision with every site and needs public bounds on
+the data. fedseg instead sends **integers that the quantiser carries exactly**:
+
+* every site reports weight 1 (``num_examples=1`` with ``max_weight=1``), so ``q_i = Q``;
+* ``Q = 2**L`` and ``clipping_range = 1``: the value ``x = m * 2/Q - 1`` for an integer
+  ``0 <= m < Q`` is quantised to exactly ``m`` (the stochastic rounding of an integer is that
+  integer), so the masked sum the server unmasks is the exact integer ``sum_i m_i``;
+* each float64 statistic is written as a fixed-point integer (``FRACTION_BITS`` fractional bits,
+  two's complement modulo ``2**TOTAL_BITS``) and split into ``L``-bit limbs, one limb per slice
+  of the sent array; the server adds the limb sums back together with their carries. A site's
+  value must stay below ``MAX_ABS_VALUE`` so that the sum over up to ``2**SITE_BITS`` sites
+  cannot wrap the word.
+
+The decoded sum equals the plain float sum up to ``2**-FRACTION_BITS`` per site and entry.
+``Q`` is chosen from the number of sites so that ``n * Q < 2**32``: the masked sum can never wrap
+Flower's ``modulus_range`` (Flower does not check this; an overflow is silent).
+
+Side note for reviewers: the server learns the per-limb sums, not only their combination. The
+difference is the number of carries out of each limb (at most ``log2(n)`` bits per entry about
+the sites' low-order fixed-point digits). This is recorded in the design notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import ConfigError, ProtocolError
+
+MODULUS_RANGE = 2**32
+"""Flower's SecAgg+ modulus (its maximum): masked sums live in ``Z_{2**32}``."""
+
+FRACTION_BITS = 24
+"""Fixed-point resolution of an encoded statistic: ``2**-24 ~ 6e-8`` per site and entry."""
+
+TOTAL_BITS = 128
+"""Width of the two's complement fixed-point word in which the sum over all sites is formed."""
+
+SITE_BITS = 16
+"""Headroom for the number of sites: at most ``2**16`` sites can be summed without wrapping."""
+
+CLIPPING_RANGE = 1.0
+"""SecAgg+ clipping range used with this encoding: limbs are mapped into ``[-1, 1)``."""
+
+MAX_WEIGHT = 1.0
+"""SecAgg+ ``max_weight``: every site reports ``num_examples=1`` so all weights are equal."""
+
+MAX_ABS_VALUE = 2.0 ** (TOTAL_BITS - FRACTION_BITS - SITE_BITS - 1)
+"""Largest magnitude one site may send (``2**87 ~ 1.5e26``): ``2**16`` of them cannot wrap."""
+
+
+def quantization_range_for(num_sites: int) -> int:
+    """Return the SecAgg+ ``quantization_range`` that cannot overflow for ``num_sites`` sites.
+
+    Parameters
+    ----------
+    num_sites : int
+        Number of sites sampled in the round (at least 2, as SecAgg+ requires).
+
+    Returns
+    -------
+    int
+        The largest power of two ``Q`` with ``(num_sites + 1) * Q <= 2**32``. Each site's
+        quantised entry is at most ``Q - 1`` and the weight factor it adds is ``Q``, so the sums
+        of both stay below the modulus.
+    """
+    if not isinstance(num_sites, int) or num_sites < 2:
+        raise ConfigError(f"num_sites={num_sites!r} should be an integer >= 2 for SecAgg+.")
+    bound = MODULUS_RANGE // (num_sites + 1)
+    if num_sites > 2**SITE_BITS or bound < 2**8:
+        raise ConfigError(
+            f"num_sites={num_sites} is too many for one SecAgg+ round (expected at most "
+            f"{2**SITE_BITS} sites)."
+        )
+    return 1 << (bound.bit_length() - 1)
+
+
+def check_no_wrap(*, num_sites: int, quantization_range: int) -> None:
+    """Refuse a SecAgg+ configuration whose masked sum could wrap the modulus.
+
+    Parameters
+    ----------
+    num_sites : int
+        Sites taking part in the round.
+    quantization_range : int
+        The ``quantization_range`` the workflow would use.
+    """
+    if (num_sites + 1) * quantization_range > MODULUS_RANGE:
+        raise ConfigError(
+            f"quantization_range={quantization_range} with num_sites={num_sites} can overflow "
+            f"SecAgg+'s modulus 2**32: expected quantization_range <= "
+            f"{MODULUS_RANGE // (num_sites + 1)}."
+        )
+
+
+def num_limbs(quantization_range: int) -> int:
+    """Return how many limbs of ``log2(quantization_range)`` bits a fixed-point word needs."""
+    limb_bits = quantization_range.bit_length() - 1
+    return -(-TOTAL_BITS // limb_bits)
+
+
+@dataclass(frozen=True)
+class SecAggPlusSumCodec:
+    """Encode float64 statistics into exact-integer SecAgg+ payloads and decode their sum.
+
+    Parameters
+    ----------
+    quantization_range : int
+        A power of two, as returned by :func:`quantization_range_for`.
+    """
+
+    quantization_range: int
+
+    def __post_init__(self) -> None:
+        q = self.quantization_range
+        if q < 2 or q & (q - 1):
+            raise ConfigError(f"quantization_range={q} should be a power of two >= 2.")
+
+    @property
+    def limb_bits(self) -> int:
+        """Bits carried per limb."""
+        return self.quantization_range.bit_length() - 1
+
+    @property
+    def limbs(self) -> int:
+        """Limbs per encoded entry."""
+        return num_limbs(self.quantization_range)
+
+    def encoded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the payload that encodes an array of ``shape``."""
+        return (self.limbs, *shape)
+
+    def encode(self, arrays: Sequence[NDArray[np.float64]]) -> list[NDArray[np.float64]]:
+        """Encode each array into limbs mapped onto SecAgg+'s exact quantisation grid.
+
+        Parameters
+        ----------
+        arrays : sequence of ndarray
+            Statistics of any shape; every entry must be finite with
+            ``|x| < MAX_ABS_VALUE``.
+
+        Returns
+        -------
+        list of ndarray
+            One float64 array of shape ``(limbs, *shape)`` per input, entries in ``[-1, 1)``.
+        """
+        out: list[NDArray[np.float64]] = []
+        modulus = 1 << TOTAL_BITS
+        mask = self.quantization_range - 1
+        for index, arr in enumerate(arrays):
+            values = np.asarray(arr, dtype=np.float64)
+            if not np.all(np.isfinite(values)):
+                raise ProtocolError(f"statistic #{index} holds a non-finite value; cannot encode.")
+            if values.size and float(np.max(np.abs(values))) >= MAX_ABS_VALUE:
+                raise ProtocolError(
+                    f"statistic #{index} has |value| >= {MAX_ABS_VALUE:.3g}: "
+                    "too large for the secure-sum encoding (rescale or log-transform the feature)."
+                )
+            flat = values.ravel()
+            limbs = np.empty((self.limbs, flat.size), dtype=np.float64)
+            for j, value in enumerate(flat.tolist()):
+                # Exact: float -> dyadic rational -> integer, two's complement modulo 2**96.
+                word = round(value * (1 << FRACTION_BITS)) % modulus
+                for limb in range(self.limbs):
+                    m = (word >> (limb * self.limb_bits)) & mask
+                    limbs[limb, j] = m * (2.0 / self.quantization_range) - 1.0
+            out.append(limbs.reshape(self.encoded_shape(values.shape)))
+        return out
+
+    def decode(
+        self, means: Sequence[NDArray[np.float64]], *, num_sites: int
+    ) -> list[NDArray[np.float64]]:
+        """Recover the sums of the sites' statistics from SecAgg+'s aggregated mean.
+
+        Parameters
+        ----------
+        means : sequence of ndarray
+            What SecAgg+ hands to ``aggregate_fit``: per array of shape ``(limbs, *shape)``, the
+            mean over the ``num_sites`` reporting sites of the encoded payloads.
+        num_sites : int
+            Sites whose vectors are in the aggregate (sampled minus dropped).
+
+        Returns
+        -------
+        list of ndarray
+            float64 sums of shape ``shape`` per statistic.
+        """
+        if num_sites < 1:
+            raise ProtocolError(f"num_sites={num_sites} should be >= 1 to decode a sum.")
+        modulus = 1 << TOTAL_BITS
+        half = modulus >> 1
+        out: list[NDArray[np.float64]] = []
+        for index, mean in enumerate(means):
+            arr = np.asarray(mean, dtype=np.float64)
+            if arr.ndim < 1 or arr.shape[0] != self.limbs:
+                raise ProtocolError(
+                    f"aggregate #{index} has shape {arr.shape}; expected ({self.limbs}, ...)."
+                )
+            # Undo SecAgg+'s averaging and the [-1, 1) mapping: exact integer limb sums.
+            limb_sums = np.rint((arr * num_sites + num_sites) * (self.quantization_range / 2.0))
+            flat = limb_sums.reshape(self.limbs, -1)
+            result = np.empty(flat.shape[1], dtype=np.float64)
+            for j in range(flat.shape[1]):
+                total = 0
+                for limb in range(self.limbs):
+                    total += int(flat[limb, j]) << (limb * self.limb_bits)
+                total %= modulus
+                if total >= half:
+                    total -= modulus
+                result[j] = total / (1 << FRACTION_BITS)
+            out.append(result.reshape(arr.shape[1:]))
+        return out
+
+
+def plain_sum(site_arrays: Sequence[Sequence[NDArray[np.float64]]]) -> list[NDArray[np.float64]]:
+    """Sum the sites' statistics when no secure aggregation is used (``privacy=none``).
+
+    Parameters
+    ----------
+    site_arrays : sequence of sequences of ndarray
+        Per site, the list of statistics it sent; every site must send the same shapes.
+
+    Returns
+    -------
+    list of ndarray
+        The float64 element-wise sums.
+    """
+    if not site_arrays:
+        raise ProtocolError("no site results to sum.")
+    first = site_arrays[0]
+    sums = [np.zeros(np.shape(a), dtype=np.float64) for a in first]
+    for site, arrays in enumerate(site_arrays):
+        if len(arrays) != len(first):
+            raise ProtocolError(
+                f"site result #{site} has {len(arrays)} arrays; expected {len(first)}."
+            )
+        for index, (total, arr) in enumerate(zip(sums, arrays, strict=True)):
+            if np.shape(arr) != total.shape:
+                raise ProtocolError(
+                    f"site result #{site} array #{index} has shape {np.shape(arr)}; "
+                    f"expected {total.shape}."
+                )
+            total += np.asarray(arr, dtype=np.float64)
+    return sums

@@ -1,0 +1,206 @@
+"""The ServerApp: runs federated k-means rounds, with SecAgg+ by default.
+
+SecAgg+ exists only on Flower 1.42's legacy path, so the app wraps the legacy strategy in a
+``LegacyContext`` and runs each round through ``SecAggPlusWorkflow`` (or Flower's plain fit
+workflow when ``privacy=none``). Unlike ``DefaultWorkflow`` it stops as soon as the coordinator
+is done instead of running a fixed number of rounds. This module is the one place that knows
+these Flower details, so it can be swapped when Flower ships a Message-API SecAgg+.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+from flwr.app import ConfigRecord, Context
+from flwr.common import ndarrays_to_parameters
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid
+
+from common.errors import ConfigError, ProtocolError
+from common.features import FeatureSpec
+from common.secure_sum import (
+    CLIPPING_RANGE,
+    MAX_WEIGHT,
+    MODULUS_RANGE,
+    SecAggPlusSumCodec,
+    check_no_wrap,
+    quantization_range_for,
+)
+from common.segment_model import SegmentModel
+from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
+from server.strategy import FederatedKMeans
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ protocol settings.
+
+    Attributes
+    ----------
+    num_shares : float or int
+        Shares of each site's secrets (a float is a fraction of the sampled sites).
+    reconstruction_threshold : float or int
+        Shares needed to reconstruct a secret (a float is a fraction of ``num_shares``).
+    timeout : float or None
+        Seconds to wait for replies in each stage (None: wait for all).
+    """
+
+    num_shares: float | int = 1.0
+    reconstruction_threshold: float | int = 0.67
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """Everything the ServerApp needs, all public.
+
+    Attributes
+    ----------
+    settings : KMeansSettings
+    features : tuple of FeatureSpec
+    num_sites : int
+    secagg : SecAggSettings or None
+        None runs without secure aggregation (an explicit choice: ``privacy=none``).
+    config : dict
+        Resolved configuration recorded in the segment model.
+    """
+
+    settings: KMeansSettings
+    features: tuple[FeatureSpec, ...]
+    num_sites: int
+    secagg: SecAggSettings | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 2:
+            raise ConfigError(f"federation.num_sites={self.num_sites} should be >= 2.")
+        if self.secagg is not None:
+            check_no_wrap(num_sites=self.num_sites, quantization_range=self.quantization_range)
+
+    @property
+    def quantization_range(self) -> int:
+        """SecAgg+ quantisation range for this federation's size."""
+        return quantization_range_for(self.num_sites)
+
+    def privacy_record(self) -> dict[str, Any]:
+        """Describe the privacy guarantees, as recorded in the segment model."""
+        if self.secagg is None:
+            return {"secure_aggregation": "none", "differential_privacy": None}
+        return {
+            "secure_aggregation": "secagg+",
+            "secagg": {
+                "num_shares": self.secagg.num_shares,
+                "reconstruction_threshold": self.secagg.reconstruction_threshold,
+                "clipping_range": CLIPPING_RANGE,
+                "quantization_range": self.quantization_range,
+                "modulus_range": MODULUS_RANGE,
+                "max_weight": MAX_WEIGHT,
+                "encoding": "exact fixed-point limbs (common.secure_sum)",
+            },
+            "differential_privacy": None,
+        }
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves behind on the server side."""
+
+    coordinator: KMeansCoordinator
+    model: SegmentModel | None = None
+    seconds: float = 0.0
+
+
+def run_federated_kmeans(
+    grid: Grid,
+    context: Context,
+    plan: FederationPlan,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> RunResult:
+    """Run all rounds of federated k-means on ``grid`` and build the segment model.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+    context : flwr.app.Context
+    plan : FederationPlan
+    on_round : callable, optional
+        Progress callback, called after every round.
+    """
+    started = time.perf_counter()
+    coordinator = KMeansCoordinator(settings=plan.settings, features=plan.features)
+    codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
+    strategy = FederatedKMeans(
+        coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round
+    )
+    if plan.secagg is not None:
+        fit_workflow: Callable[[Grid, Context], None] = SecAggPlusWorkflow(
+            num_shares=plan.secagg.num_shares,
+            reconstruction_threshold=plan.secagg.reconstruction_threshold,
+            max_weight=MAX_WEIGHT,
+            clipping_range=CLIPPING_RANGE,
+            quantization_range=plan.quantization_range,
+            modulus_range=MODULUS_RANGE,
+            timeout=plan.secagg.timeout,
+        )
+    else:
+        fit_workflow = default_fit_workflow
+    # Upper bound on rounds: moments + init + Lloyd + profile.
+    max_rounds = 2 + plan.settings.init_rounds + plan.settings.max_rounds
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=max_rounds), strategy=strategy
+    )
+    thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
+    registered.wait()
+    try:
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters([]), keep_input=True
+        )
+        cfg = ConfigRecord()
+        cfg[Key.START_TIME] = time.time()
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        for server_round in range(1, max_rounds + 1):
+            if coordinator.done:
+                break
+            cfg[Key.CURRENT_ROUND] = server_round
+            before = len(coordinator.history)
+            fit_workflow(grid, legacy)
+            if len(coordinator.history) == before:
+                raise ProtocolError(
+                    f"round {server_round} ({coordinator.phase.value}) produced no aggregate: "
+                    "secure aggregation halted (too few sites replied?)."
+                )
+    finally:
+        stop.set()
+        thread.join()
+    if not coordinator.done:
+        raise ProtocolError(f"the run ended after {max_rounds} rounds without a model.")
+    model = coordinator.build_model(privacy=plan.privacy_record(), config=plan.config)
+    log(INFO, "fedseg: segment model built with %d segments", len(model.segments))
+    return RunResult(coordinator=coordinator, model=model, seconds=time.perf_counter() - started)
+
+
+def make_server_app(
+    plan: FederationPlan,
+    *,
+    on_result: Callable[[RunResult], None],
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> ServerApp:
+    """Build a ServerApp that runs ``plan`` and passes the result to ``on_result``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        on_result(run_federated_kmeans(grid, context, plan, on_round=on_round))
+
+    return app

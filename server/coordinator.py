@@ -1,0 +1,322 @@
+"""Server-side state machine of federated k-means, free of Flower.
+
+:class:`KMeansCoordinator` decides what every round asks the sites for and turns the summed
+statistics of the round into the next state: global scaling, initial centroids, Lloyd updates
+and, at the end, the :class:`~common.segment_model.SegmentModel`. The Flower strategy in
+:mod:`server.strategy` only moves its instructions and sums over the network.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import ConfigError, ProtocolError
+from common.features import FeatureSpec
+from common.init import centres_from_summary, random_centres
+from common.kmeans import KMeansStats, centroid_shift, has_converged, update_centroids
+from common.protocol import Phase, instruction_shapes, reply_shapes
+from common.scaling import GlobalScaler
+from common.segment_model import ProfileStats, SegmentModel
+
+INIT_METHODS = ("summary", "random")
+
+
+@dataclass(frozen=True)
+class KMeansSettings:
+    """Settings of one federated k-means run (validated on construction).
+
+    Attributes
+    ----------
+    k : int
+        Number of segments before small ones are merged.
+    max_rounds : int
+        Upper bound on Lloyd rounds.
+    tol : float
+        Convergence tolerance on the centroid shift (standardised units) and on the relative
+        cost decrease.
+    init : str
+        ``"summary"`` (default, robust to non-IID sites) or ``"random"`` (baseline).
+    init_candidates : int
+        Candidate centres of the over-clustering initialisation (``0`` means ``10 * k``).
+    init_rounds : int
+        Federated Lloyd rounds on the candidates.
+    n_init : int
+        Independent Lloyd runs carried in parallel in the same rounds (each from its own
+        k-means++ draw on the summary); the run with the lowest cost is published.
+    min_segment_size : int
+        Segments smaller than this are merged before publication.
+    seed : int
+        Seed of the server's random choices (candidates, k-means++ on the summary).
+    """
+
+    k: int = 5
+    max_rounds: int = 30
+    tol: float = 1e-4
+    init: str = "summary"
+    init_candidates: int = 0
+    init_rounds: int = 5
+    n_init: int = 6
+    min_segment_size: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"model.k={self.k} should be >= 2.")
+        if self.max_rounds < 1:
+            raise ConfigError(f"strategy.max_rounds={self.max_rounds} should be >= 1.")
+        if not self.tol > 0:
+            raise ConfigError(f"strategy.tol={self.tol} should be > 0.")
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"strategy.init={self.init!r} should be one of {INIT_METHODS}.")
+        if self.init_candidates and self.init_candidates < self.k:
+            raise ConfigError(
+                f"strategy.init_candidates={self.init_candidates} should be 0 (auto) or >= "
+                f"model.k={self.k}."
+            )
+        if self.init_rounds < 1:
+            raise ConfigError(f"strategy.init_rounds={self.init_rounds} should be >= 1.")
+        if self.n_init < 1:
+            raise ConfigError(f"strategy.n_init={self.n_init} should be >= 1.")
+        if self.min_segment_size < 1:
+            raise ConfigError(f"model.min_segment_size={self.min_segment_size} should be >= 1.")
+
+    @property
+    def n_candidates(self) -> int:
+        """Candidate centres used by the summary initialisation."""
+        return self.init_candidates or 10 * self.k
+
+
+@dataclass
+class RoundRecord:
+    """What the server learned in one round (aggregates only)."""
+
+    round: int
+    phase: str
+    num_sites: int
+    seconds: float
+    cost: float | None = None
+    shift: float | None = None
+    reseeded: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class KMeansCoordinator:
+    """Drives the phases of federated k-means from summed site statistics.
+
+    Parameters
+    ----------
+    settings : KMeansSettings
+    features : tuple of FeatureSpec
+        The public feature list every site uses, in order.
+    """
+
+    settings: KMeansSettings
+    features: tuple[FeatureSpec, ...]
+    phase: Phase = Phase.MOMENTS
+    scaler: GlobalScaler | None = None
+    centres: NDArray[np.float64] | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    model_stats: ProfileStats | None = None
+    converged: bool = False
+    lloyd_rounds: int = 0
+    best_run: int = 0
+    _init_round: int = 0
+    _run_done: list[bool] = field(default_factory=list)
+    _run_cost: list[float] = field(default_factory=list)
+    _previous_cost: list[float | None] = field(default_factory=list)
+    _round_started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.settings.seed)
+
+    @property
+    def n_features(self) -> int:
+        """Number of features."""
+        return len(self.features)
+
+    @property
+    def done(self) -> bool:
+        """True once the profile round has been aggregated."""
+        return self.model_stats is not None
+
+    def n_centres(self) -> int:
+        """Centres the current phase sends to sites (0 in the moments phase)."""
+        return 0 if self.centres is None else int(self.centres.shape[0])
+
+    def groups(self) -> int:
+        """Independent centre sets in this round's centres (parallel Lloyd runs)."""
+        return self.settings.n_init if self.phase is Phase.LLOYD else 1
+
+    def instruction(self) -> tuple[str, list[NDArray[np.float64]], int]:
+        """Return the phase name, the public arrays and the group count for this round."""
+        self._round_started = time.perf_counter()
+        if self.phase is Phase.MOMENTS:
+            return self.phase.value, [], 1
+        assert self.scaler is not None and self.centres is not None
+        return self.phase.value, [self.scaler.mean, self.scaler.std, self.centres], self.groups()
+
+    def expected_reply_shapes(self) -> list[tuple[int, ...]]:
+        """Public shapes of every site's reply in the current phase."""
+        return reply_shapes(self.phase, n_centres=self.n_centres(), n_features=self.n_features)
+
+    def expected_instruction_shapes(self) -> list[tuple[int, ...]]:
+        """Public shapes of the instruction arrays in the current phase."""
+        return instruction_shapes(
+            self.phase, n_centres=self.n_centres(), n_features=self.n_features
+        )
+
+    def step(self, sums: list[NDArray[np.float64]], *, server_round: int, num_sites: int) -> None:
+        """Consume the statistics of this round summed over ``num_sites`` sites.
+
+        Parameters
+        ----------
+        sums : list of ndarray
+            Summed replies, in the layout of :func:`common.protocol.reply_shapes`.
+        server_round : int
+        num_sites : int
+            Sites whose replies are in the sum.
+        """
+        if self.done:
+            raise ProtocolError("the run is finished; no further round expected.")
+        got = [np.shape(s) for s in sums]
+        if got != self.expected_reply_shapes():
+            raise ProtocolError(
+                f"round {server_round} ({self.phase.value}): aggregate has shapes {got}; "
+                f"expected {self.expected_reply_shapes()}."
+            )
+        record = RoundRecord(round=server_round, phase=self.phase.value, num_sites=num_sites,
+                             seconds=0.0)
+        k, d = self.settings.k, self.n_features
+        if self.phase is Phase.MOMENTS:
+            self.scaler = GlobalScaler.from_moments(sums, n_features=d)
+            if self.settings.init == "summary":
+                self.centres = random_centres(self.settings.n_candidates, d, rng=self._rng)
+                self.phase = Phase.INIT
+            else:
+                self._start_lloyd(
+                    [random_centres(k, d, rng=self._rng) for _ in range(self.settings.n_init)]
+                )
+        elif self.phase is Phase.INIT:
+            assert self.centres is not None
+            stats = KMeansStats.from_arrays(sums, n_clusters=self.n_centres(), n_features=d)
+            record.cost = stats.cost
+            self._init_round += 1
+            if self._init_round >= self.settings.init_rounds:
+                # Run 0 starts from the best of 10 k-means++ restarts on the summary; the others
+                # from single draws, so that the parallel runs explore different optima.
+                self._start_lloyd([
+                    centres_from_summary(
+                        stats, k, rng=self._rng, min_count=self.settings.min_segment_size,
+                        n_init=10 if run == 0 else 1,
+                    )
+                    for run in range(self.settings.n_init)
+                ])
+            else:
+                self.centres, reseeded = update_centroids(stats, self.centres)
+                record.reseeded = int(reseeded.sum())
+        elif self.phase is Phase.LLOYD:
+            self._lloyd_step(sums, record)
+        else:  # Phase.PROFILE
+            self.model_stats = ProfileStats.from_arrays(sums, n_segments=k, n_features=d)
+            record.cost = float(self.model_stats.costs.sum())
+        record.seconds = time.perf_counter() - self._round_started
+        self.history.append(record)
+
+    def _start_lloyd(self, starts: list[NDArray[np.float64]]) -> None:
+        """Begin ``n_init`` parallel Lloyd runs from the given centre sets."""
+        self.centres = np.vstack(starts)
+        runs = len(starts)
+        self._run_done = [False] * runs
+        self._run_cost = [float("inf")] * runs
+        self._previous_cost = [None] * runs
+        self.phase = Phase.LLOYD
+
+    def _lloyd_step(self, sums: list[NDArray[np.float64]], record: RoundRecord) -> None:
+        """One Lloyd update of every run still moving; pick the best run when all are done."""
+        assert self.centres is not None
+        k, d, runs = self.settings.k, self.n_features, len(self._run_done)
+        stats = KMeansStats.from_arrays(sums, n_clusters=runs * k, n_features=d)
+        new_all = self.centres.copy()
+        shifts = []
+        for run in range(runs):
+            block = slice(run * k, (run + 1) * k)
+            run_stats = stats.block(run * k, (run + 1) * k)
+            self._run_cost[run] = run_stats.cost
+            if self._run_done[run]:
+                continue  # frozen: its centres stay, its cost is re-measured each round
+            new, reseeded = update_centroids(run_stats, self.centres[block])
+            shift = centroid_shift(self.centres[block], new)
+            shifts.append(shift)
+            record.reseeded += int(reseeded.sum())
+            previous = self._previous_cost[run]
+            self._run_done[run] = not reseeded.any() and has_converged(
+                shift=shift, previous_cost=previous, cost=run_stats.cost, tol=self.settings.tol,
+            )
+            self._previous_cost[run] = run_stats.cost
+            new_all[block] = new
+            if not self._run_done[run] and previous is not None:
+                self._run_done[run] = self._cannot_catch_up(run, previous - run_stats.cost)
+        record.cost = min(self._run_cost)
+        record.shift = max(shifts) if shifts else 0.0
+        self.centres = new_all
+        self.lloyd_rounds += 1
+        self.converged = self._run_done[int(np.argmin(self._run_cost))] and all(self._run_done)
+        if self.converged or self.lloyd_rounds >= self.settings.max_rounds:
+            self.best_run = int(np.argmin(self._run_cost))
+            self.centres = new_all[self.best_run * k:(self.best_run + 1) * k]
+            self.phase = Phase.PROFILE
+
+    def _cannot_catch_up(self, run: int, last_gain: float) -> bool:
+        """Whether a still-moving run is beaten for good by a converged one.
+
+        Lloyd's cost gains usually shrink from round to round; a run whose cost exceeds the
+        best converged run's by more than its last gain times the rounds left is stopped, so
+        one slowly drifting restart does not hold the whole federation for ``max_rounds``.
+        """
+        converged = [c for c, done in zip(self._run_cost, self._run_done, strict=True) if done]
+        if not converged:
+            return False
+        rounds_left = self.settings.max_rounds - self.lloyd_rounds - 1
+        gap = self._run_cost[run] - min(converged)
+        return gap > 0 and gap > max(last_gain, 0.0) * rounds_left
+
+    def build_model(
+        self, *, privacy: dict[str, Any], config: dict[str, Any]
+    ) -> SegmentModel:
+        """Package the final statistics as a :class:`SegmentModel`."""
+        if self.model_stats is None or self.scaler is None:
+            raise ProtocolError("the run has not reached the profile round; no model to build.")
+        lloyd = [r for r in self.history if r.phase == Phase.LLOYD.value]
+        training = {
+            "k_requested": self.settings.k,
+            "init": self.settings.init,
+            "init_candidates": self.settings.n_candidates if self.settings.init == "summary"
+            else 0,
+            "n_init": self.settings.n_init,
+            "best_run": self.best_run,
+            "run_costs": list(self._run_cost),
+            "lloyd_rounds": len(lloyd),
+            "total_rounds": len(self.history),
+            "converged": self.converged,
+            "tol": self.settings.tol,
+            "cost": float(self.model_stats.costs.sum()),
+            "num_records": float(self.model_stats.counts.sum()),
+        }
+        return SegmentModel.build(
+            stats=self.model_stats,
+            features=self.features,
+            scaler=self.scaler,
+            min_segment_size=self.settings.min_segment_size,
+            privacy=privacy,
+            training=training,
+            config=config,
+        )

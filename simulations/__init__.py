@@ -1,0 +1,1 @@
+"""Local simulations, synthetic data and benchmarks of fedseg."""

@@ -1,0 +1,195 @@
+"""Data sources and partitions of a local simulation (built from Hydra's ``data``/``partition``).
+
+A simulation holds the whole population in one process to partition it into sites and to
+compute the centralised reference; the sites themselves only ever see their own partition
+(:class:`PartitionedSites`), and the server only sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from hydra.utils import to_absolute_path
+from numpy.typing import NDArray
+
+from client.app import SiteData
+from client.csv_source import read_customer_csv
+from common.errors import ConfigError, DataError
+from common.features import TRANSFORMS, FeatureSpec
+from simulations.partition import partition_by_group, partition_dirichlet, partition_iid
+from simulations.synthetic import FEATURE_INFO, FEATURES, SEGMENTS, generate_customers
+
+
+@dataclass(frozen=True)
+class Population:
+    """All consenting customers of a simulation.
+
+    Attributes
+    ----------
+    raw : ndarray of shape (n_customers, n_features)
+    features : tuple of FeatureSpec
+    groups : ndarray of shape (n_customers,)
+        Region (synthetic) or site-column value (CSV) per customer.
+    labels : ndarray of shape (n_customers,) or None
+        Ground-truth segment per customer, when known.
+    label_names : tuple of str
+        Names of the ground-truth segments (empty when unknown).
+    description : str
+        One line for progress output.
+    """
+
+    raw: NDArray[np.float64]
+    features: tuple[FeatureSpec, ...]
+    groups: NDArray[np.str_]
+    labels: NDArray[np.int64] | None
+    label_names: tuple[str, ...]
+    description: str
+
+
+def synthetic_features() -> tuple[FeatureSpec, ...]:
+    """Return the public feature list of the synthetic retail data."""
+    return tuple(
+        FeatureSpec(name=name, unit=FEATURE_INFO[name].unit, transform=FEATURE_INFO[name].transform,
+                    high_label=FEATURE_INFO[name].high_label,
+                    low_label=FEATURE_INFO[name].low_label)
+        for name in FEATURES
+    )
+
+
+@dataclass(frozen=True)
+class SyntheticCustomers:
+    """Built-in synthetic customers; only those who consented take part."""
+
+    num_customers: int = 50_000
+    num_regions: int = 5
+
+    def load(self, *, seed: int) -> Population:
+        """Generate the table and keep consenting customers' declared features."""
+        try:
+            table = generate_customers(
+                num_customers=self.num_customers, num_regions=self.num_regions, seed=seed
+            )
+        except ValueError as exc:
+            raise ConfigError(f"data=synthetic: {exc}") from exc
+        keep = table.consent
+        return Population(
+            raw=table.features[keep],
+            features=synthetic_features(),
+            groups=table.region[keep],
+            labels=table.segment[keep].astype(np.int64),
+            label_names=tuple(s.name for s in SEGMENTS),
+            description=(
+                f"synthetic retail customers: {int(keep.sum())} of {len(table)} consented, "
+                f"{self.num_regions} regions, {len(SEGMENTS)} true segments"
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class CsvCustomers:
+    """A customer-level CSV; one site per distinct value of ``site_column``."""
+
+    path: str
+    site_column: str
+    features: tuple[str, ...] | list[str]
+    transform: str = "none"
+    label_column: str | None = None
+
+    def load(self, *, seed: int) -> Population:
+        """Read the declared columns with :func:`client.csv_source.read_customer_csv`."""
+        if not self.features:
+            raise ConfigError("data.features is empty; list the numeric columns to cluster on.")
+        if self.transform not in TRANSFORMS:
+            raise ConfigError(
+                f"data.transform={self.transform!r} should be one of {', '.join(TRANSFORMS)}."
+            )
+        path = Path(to_absolute_path(self.path)) if _in_hydra() else Path(self.path)
+        specs = tuple(FeatureSpec(name=str(f), transform=self.transform) for f in self.features)
+        cols = read_customer_csv(path, features=specs, site_column=self.site_column,
+                                 label_column=self.label_column)
+        assert cols.sites is not None
+        labels = None
+        names: tuple[str, ...] = ()
+        if cols.labels is not None:
+            uniques, labels = np.unique(cols.labels, return_inverse=True)
+            names = tuple(str(u) for u in uniques)
+        return Population(
+            raw=cols.raw,
+            features=specs,
+            groups=cols.sites,
+            labels=None if labels is None else labels.astype(np.int64),
+            label_names=names,
+            description=(
+                f"{path.name}: {cols.raw.shape[0]} customers, {len(specs)} features "
+                f"({self.transform}), {len(np.unique(cols.sites))} values of "
+                f"{self.site_column!r}"
+            ),
+        )
+
+
+def _in_hydra() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
+
+
+@dataclass(frozen=True)
+class ByGroupPartition:
+    """Sites follow the population's groups (regions or CSV site values)."""
+
+    def split(self, population: Population, *, num_sites: int, seed: int) -> list[NDArray[np.intp]]:
+        """Return one index array per site."""
+        groups = np.unique(population.groups)
+        if num_sites < len(groups):
+            raise ConfigError(
+                f"partition=by_region needs federation.num_sites >= the {len(groups)} groups "
+                f"({', '.join(map(str, groups))}); got federation.num_sites={num_sites}."
+            )
+        return partition_by_group(population.groups, num_sites=num_sites, seed=seed)
+
+
+@dataclass(frozen=True)
+class DirichletPartition:
+    """Label-Dirichlet(alpha) split; labels are ground truth when known, else groups."""
+
+    alpha: float = 0.3
+    min_size: int = 10
+
+    def split(self, population: Population, *, num_sites: int, seed: int) -> list[NDArray[np.intp]]:
+        """Return one index array per site."""
+        labels = population.labels if population.labels is not None else population.groups
+        try:
+            return partition_dirichlet(labels, num_sites=num_sites, alpha=self.alpha, seed=seed,
+                                       min_size=self.min_size)
+        except ValueError as exc:
+            raise ConfigError(f"partition=dirichlet: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class IidPartition:
+    """Uniformly random split."""
+
+    def split(self, population: Population, *, num_sites: int, seed: int) -> list[NDArray[np.intp]]:
+        """Return one index array per site."""
+        return partition_iid(population.raw.shape[0], num_sites=num_sites, seed=seed)
+
+
+@dataclass(frozen=True)
+class PartitionedSites:
+    """Site loader for the simulation: node ``partition-id`` gets its own rows only.
+
+    Picklable, so Flower's simulation engine can ship it to its worker processes.
+    """
+
+    parts: tuple[NDArray[np.float64], ...]
+    features: tuple[FeatureSpec, ...]
+
+    def __call__(self, context: Context) -> SiteData:
+        """Return the data of the node running ``context``."""
+        pid = int(context.node_config["partition-id"])
+        if not 0 <= pid < len(self.parts):
+            raise DataError(f"no partition {pid}: the simulation has {len(self.parts)} sites.")
+        return SiteData(raw=self.parts[pid], features=self.features)

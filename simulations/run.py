@@ -1,0 +1,254 @@
+"""Local federated simulation: ``python -m simulations.run [overrides]`` (Hydra app).
+
+Builds the population (``data``), splits it into sites (``partition``), runs the ServerApp and
+one ClientApp per site on Flower's simulation engine with SecAgg+ (``privacy``), and writes
+into the run directory: ``segments.json`` (the segment model), ``metrics.jsonl`` (one line per
+round), ``summary.json``, the sites' audit logs and Hydra's resolved config. The centralised
+reference (scikit-learn ``KMeans(n_init=10)`` on the pooled, identically standardised data) is
+computed here, in the simulation, for comparison only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from client.app import make_client_app
+from common.config import register_configs
+from common.errors import ConfigError, FedsegError
+from common.features import apply_transforms
+from common.kmeans import compute_stats
+from server.app import FederationPlan, RunResult, make_server_app
+from server.coordinator import KMeansSettings, RoundRecord
+from simulations.datasets import PartitionedSites, Population
+
+register_configs()
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _say(message: str) -> None:
+    print(f"[fedseg] {message}", flush=True)
+
+
+def _print_round(record: RoundRecord) -> None:
+    parts = [f"round {record.round:>2} {record.phase:<8} sites={record.num_sites}"]
+    if record.cost is not None:
+        parts.append(f"cost={record.cost:,.1f}")
+    if record.shift is not None:
+        parts.append(f"shift={record.shift:.2e}")
+    if record.reseeded:
+        parts.append(f"reseeded={record.reseeded}")
+    parts.append(f"{record.seconds:.2f}s")
+    _say("  ".join(parts))
+
+
+def _quiet_flower(verbose: bool) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        # Flower logs every SecAgg+ stage at INFO and run_simulation's deprecation at WARNING.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
+    """Per round, the bytes each site sent (from the sites' audit logs); and message count."""
+    per_round_site: dict[tuple[int, str], int] = defaultdict(int)
+    messages = 0
+    for log_file in sorted(audit_dir.glob("site-*.jsonl")):
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            messages += 1
+            try:
+                rnd = int(entry["round"])
+            except (TypeError, ValueError):
+                continue
+            per_round_site[(rnd, entry["site"])] += int(entry["bytes"])
+    by_round: dict[int, list[int]] = defaultdict(list)
+    for (rnd, _), size in per_round_site.items():
+        by_round[rnd].append(size)
+    return by_round, messages
+
+
+def run(
+    cfg: DictConfig, *, output_dir: str | Path, client_mods: tuple[Any, ...] = ()
+) -> dict[str, Any]:
+    """Run one simulation from a composed config and write its outputs.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed ``conf/config.yaml`` (with overrides).
+    output_dir : str or Path
+        Where outputs are written (Hydra's run dir for the command line).
+    client_mods : tuple of Flower mods
+        Extra outermost ClientApp mods (tests use one to record every message).
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+    """
+    from flwr.simulation import run_simulation
+
+    started = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _quiet_flower(bool(cfg.verbose))
+    seed = int(cfg.seed)
+
+    population: Population = instantiate(cfg.data).load(seed=seed)
+    groups = len(np.unique(population.groups))
+    num_sites = groups if cfg.federation.num_sites is None else int(cfg.federation.num_sites)
+    parts = instantiate(cfg.partition).split(population, num_sites=num_sites, seed=seed)
+    if len(parts) != num_sites:
+        raise ConfigError(f"the partition produced {len(parts)} sites; expected {num_sites}.")
+    sizes = [len(p) for p in parts]
+    _say(population.description)
+    partition_name = type(instantiate(cfg.partition)).__name__
+    _say(f"{num_sites} sites, {min(sizes)}..{max(sizes)} customers each ({partition_name})")
+
+    settings: KMeansSettings = instantiate(
+        cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
+        seed=seed,
+    )
+    secagg = instantiate(cfg.privacy)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    plan = FederationPlan(settings=settings, features=population.features, num_sites=num_sites,
+                          secagg=secagg, config={str(k): v for k, v in resolved.items()})
+    if secagg is not None:
+        q_bits = plan.quantization_range.bit_length() - 1
+        _say(f"k={settings.k}, secure aggregation: SecAgg+ (quantization_range=2**{q_bits})")
+    else:
+        _say(f"k={settings.k}, secure aggregation: OFF (privacy=none, explicit choice)")
+
+    audit_dir = out / "audit"
+    results: list[RunResult] = []
+    server_app = make_server_app(plan, on_result=results.append, on_round=_print_round)
+    client_app = make_client_app(
+        PartitionedSites(parts=tuple(population.raw[p] for p in parts),
+                         features=population.features),
+        secagg=secagg is not None,
+        quantization_range=plan.quantization_range if secagg is not None else None,
+        audit_dir=str(audit_dir),
+        extra_mods=client_mods,
+    )
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": float(cfg.federation.cpus_per_site), "num_gpus": 0.0},
+        "init_args": {"log_to_driver": bool(cfg.verbose), "include_dashboard": False},
+    }
+    _say("starting Flower simulation engine ...")
+    sim_started = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                   backend_name=str(cfg.federation.backend), backend_config=backend_config,
+                   verbose_logging=bool(cfg.verbose))
+    sim_seconds = time.perf_counter() - sim_started
+    if not results or results[0].model is None:
+        raise FedsegError("the simulation ended without a segment model; see the log above.")
+    result = results[0]
+    model = result.model
+    assert model is not None
+    coordinator = result.coordinator
+    model.to_json(out / "segments.json")
+
+    # Metrics per round: aggregates from the server, upload sizes from the sites' audit logs.
+    bytes_by_round, messages = _audit_bytes(audit_dir)
+    with (out / "metrics.jsonl").open("w", encoding="utf-8") as handle:
+        for record in coordinator.history:
+            sent = bytes_by_round.get(record.round, [])
+            line = {**record.to_dict(),
+                    "bytes_uploaded_per_site": float(np.mean(sent)) if sent else None}
+            handle.write(json.dumps(line) + "\n")
+    all_sent = [b for sizes_ in bytes_by_round.values() for b in sizes_]
+
+    # Evaluation on the pooled data (simulation only: a real server never holds it).
+    scaled = model.scaler.transform(apply_transforms(population.raw, population.features))
+    fed_labels = model.assign(population.raw)
+    fed_cost = compute_stats(scaled, model.centroids_scaled).cost
+    summary: dict[str, Any] = {
+        "cost": fed_cost,
+        "federated_cost": coordinator.history[-1].cost,
+        "centralized_cost": None,
+        "cost_ratio": None,
+        "ari_vs_truth": None,
+        "ari_vs_centralized": None,
+        "rounds": len(coordinator.history),
+        "lloyd_rounds": coordinator.lloyd_rounds,
+        "converged": coordinator.converged,
+        "seconds": None,
+        "simulation_seconds": sim_seconds,
+        "num_sites": num_sites,
+        "site_sizes": sizes,
+        "num_customers": int(population.raw.shape[0]),
+        "k": settings.k,
+        "segments_published": len(model.segments),
+        "secagg": secagg is not None,
+        "bytes_uploaded_per_site_round": float(np.mean(all_sent)) if all_sent else None,
+        "messages_sent_by_sites": messages,
+        "init": settings.init,
+        "seed": seed,
+    }
+    if population.labels is not None:
+        summary["ari_vs_truth"] = float(adjusted_rand_score(population.labels, fed_labels))
+    if cfg.centralized_reference:
+        reference = KMeans(n_clusters=settings.k, n_init=10, random_state=seed).fit(scaled)
+        summary["centralized_cost"] = float(reference.inertia_)
+        summary["cost_ratio"] = fed_cost / float(reference.inertia_)
+        summary["ari_vs_centralized"] = float(adjusted_rand_score(reference.labels_, fed_labels))
+    summary["seconds"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    OmegaConf.save(cfg, out / "config.resolved.yaml", resolve=True)
+
+    _say(f"done in {summary['seconds']:.1f}s: {summary['rounds']} rounds, cost={fed_cost:,.1f}"
+         + (f", cost_ratio={summary['cost_ratio']:.4f}" if summary["cost_ratio"] else "")
+         + (f", ari_vs_truth={summary['ari_vs_truth']:.3f}" if summary["ari_vs_truth"] is not None
+            else ""))
+    _print_segments(model, population)
+    _say(f"segment model: {out / 'segments.json'}")
+    _say(f"summary:       {out / 'summary.json'}")
+    return summary
+
+
+def _print_segments(model: Any, population: Population) -> None:
+    names = [f.name for f in population.features][:4]
+    header = f"{'segment':<44} {'size':>7} " + " ".join(f"{n[:14]:>14}" for n in names)
+    print(header)
+    print("-" * len(header))
+    for seg in model.segments:
+        row = f"{seg.name[:44]:<44} {seg.size:>7} " + " ".join(
+            f"{seg.mean[n]:>14,.1f}" for n in names)
+        print(row)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    except FedsegError as exc:
+        print(f"fedseg: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point (``fedseg-simulate``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The exact SecAgg+ encoding, checked through Flower's own quantiser and unmasking arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import ConfigError, ProtocolError
+from common.secure_sum import (
+    CLIPPING_RANGE,
+    FRACTION_BITS,
+    MODULUS_RANGE,
+    SecAggPlusSumCodec,
+    check_no_wrap,
+    plain_sum,
+    quantization_range_for,
+)
+
+
+def secaggplus_mean(payloads: list[list[np.ndarray]], q: int, rng: np.random.Generator):
+    """Replay SecAgg+'s client quantisation, masking and server unmasking (Flower's functions)."""
+    n = len(payloads)
+    masked_sum = None
+    masks_sum = None
+    for arrays in payloads:
+        quantised = factor_combine(q, quantize(arrays, CLIPPING_RANGE, q))  # weight 1 -> factor Q
+        masks = [rng.integers(0, MODULUS_RANGE, a.shape, dtype=np.int64) for a in quantised]
+        masked = [(a + m) % MODULUS_RANGE for a, m in zip(quantised, masks, strict=True)]
+        masked_sum = masked if masked_sum is None else [
+            (s + a) % MODULUS_RANGE for s, a in zip(masked_sum, masked, strict=True)]
+        masks_sum = masks if masks_sum is None else [
+            (s + m) % MODULUS_RANGE for s, m in zip(masks_sum, masks, strict=True)]
+    unmasked = [(s - m) % MODULUS_RANGE for s, m in zip(masked_sum, masks_sum, strict=True)]
+    q_total, recon = factor_extract(unmasked)
+    out = dequantize(recon, CLIPPING_RANGE, q)
+    offset = -(n - 1) * CLIPPING_RANGE
+    return [(v + offset) * (q / q_total) for v in out]
+
+
+@pytest.mark.parametrize(("num_sites", "expected"), [(2, 2**30), (5, 2**29), (20, 2**27),
+                                                     (100, 2**25)])
+def test_quantization_range_is_largest_safe_power_of_two(num_sites, expected):
+    q = quantization_range_for(num_sites)
+    assert q == expected
+    assert (num_sites + 1) * q <= MODULUS_RANGE < (num_sites + 1) * 2 * q
+
+
+def test_quantization_range_rejects_a_single_site():
+    with pytest.raises(ConfigError, match="num_sites=1"):
+        quantization_range_for(1)
+
+
+def test_configuration_that_could_wrap_is_refused():
+    with pytest.raises(ConfigError, match="overflow"):
+        check_no_wrap(num_sites=20, quantization_range=2**28)
+    check_no_wrap(num_sites=20, quantization_range=2**27)
+
+
+@pytest.mark.parametrize("num_sites", [2, 5, 20])
+def test_decoded_secure_sum_equals_float_sum(num_sites):
+    rng = np.random.default_rng(num_sites)
+    codec = SecAggPlusSumCodec(quantization_range_for(num_sites))
+    sites = [[rng.normal(0, 1e4, (6, 7)), rng.integers(0, 5000, 6).astype(float),
+              rng.exponential(1e6, 6)] for _ in range(num_sites)]
+    means = secaggplus_mean([codec.encode(s) for s in sites], codec.quantization_range, rng)
+    decoded = codec.decode(means, num_sites=num_sites)
+    expected = plain_sum(sites)
+    for got, want in zip(decoded, expected, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=num_sites * 2.0**-FRACTION_BITS)
+
+
+def test_extreme_values_do_not_wrap_with_the_maximum_site_count():
+    num_sites = 100
+    codec = SecAggPlusSumCodec(quantization_range_for(num_sites))
+    big = 2.0**86
+    sites = [[np.array([big, -big, 0.0, 1.5])] for _ in range(num_sites)]
+    means = secaggplus_mean([codec.encode(s) for s in sites], codec.quantization_range,
+                            np.random.default_rng(0))
+    decoded = codec.decode(means, num_sites=num_sites)[0]
+    np.testing.assert_array_equal(decoded, [big * num_sites, -big * num_sites, 0.0, 150.0])
+
+
+def test_encoded_entries_lie_on_the_quantiser_grid_in_range():
+    codec = SecAggPlusSumCodec(2**29)
+    (encoded,) = codec.encode([np.array([[-3.25, 7.0], [1e12, -1e-9]])])
+    assert encoded.shape == (codec.limbs, 2, 2)
+    assert encoded.min() >= -1.0 and encoded.max() < 1.0
+    levels = (encoded + 1.0) * (codec.quantization_range / 2)
+    np.testing.assert_array_equal(levels, np.rint(levels))
+
+
+def test_encode_refuses_non_finite_and_oversized_values():
+    codec = SecAggPlusSumCodec(2**29)
+    with pytest.raises(ProtocolError, match="non-finite"):
+        codec.encode([np.array([1.0, np.nan])])
+    with pytest.raises(ProtocolError, match="too large"):
+        codec.encode([np.array([2.0**88])])
+
+
+def test_decode_rejects_wrong_layout():
+    codec = SecAggPlusSumCodec(2**29)
+    with pytest.raises(ProtocolError, match="expected"):
+        codec.decode([np.zeros((2, 3))], num_sites=2)
+
+
+def test_plain_sum_rejects_mismatched_shapes():
+    with pytest.raises(ProtocolError, match="shape"):
+        plain_sum([[np.zeros(3)], [np.zeros(4)]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.floats(-1e9, 1e9, allow_nan=False), min_size=3, max_size=3),
+                min_size=2, max_size=8))
+def test_property_sum_is_exact_to_fixed_point_resolution(rows):
+    n = len(rows)
+    codec = SecAggPlusSumCodec(quantization_range_for(n))
+    sites = [[np.array(r)] for r in rows]
+    means = secaggplus_mean([codec.encode(s) for s in sites], codec.quantization_range,
+                            np.random.default_rng(1))
+    decoded = codec.decode(means, num_sites=n)[0]
+    np.testing.assert_allclose(decoded, np.sum(rows, axis=0), rtol=0,
+                               atol=n * 2.0**-FRACTION_BITS + 1e-9 * np.abs(rows).sum())
