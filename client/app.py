@@ -16,20 +16,31 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+from flwr.app import Message, MessageType
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context, NDArrays, Scalar
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+)
 from numpy.typing import NDArray
 
 from client.audit import make_audit_mod
-from common.errors import DataError, ProtocolError
+from common.errors import ConfigError, DataError, ProtocolError
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
 from common.protocol import GROUPS_KEY, PHASE_KEY, Phase, parse_phase, reply_shapes
 from common.scaling import GlobalScaler, compute_moments
-from common.secure_sum import SecAggPlusSumCodec
+from common.secure_sum import (
+    CLIPPING_RANGE,
+    MAX_WEIGHT,
+    MODULUS_RANGE,
+    SecAggPlusSumCodec,
+    check_no_wrap,
+)
 from common.segment_model import ProfileStats
 
 
@@ -119,20 +130,62 @@ def site_statistics(
     return [np.asarray(a, dtype=np.float64) for a in reply]
 
 
-class SiteClient(NumPyClient):
-    """NumPyClient answering fit instructions with (encoded) statistics."""
+def codec_from_secagg_state(context: Context) -> SecAggPlusSumCodec:
+    """Check the SecAgg+ parameters the server set up for this round; return the codec.
 
-    def __init__(self, site: SiteData, codec: SecAggPlusSumCodec | None) -> None:
+    The site, not the server, decides whether its statistics may be sent: it refuses a round
+    whose parameters would break the exact encoding or let the masked sum wrap the modulus.
+
+    Parameters
+    ----------
+    context : flwr.app.Context
+        The node's context; ``secaggplus_mod`` stores the round's set-up in its state.
+    """
+    if RECORD_KEY_STATE not in context.state.config_records:
+        raise ProtocolError("no SecAgg+ set-up found for this round; refusing to send.")
+    state = context.state.config_records[RECORD_KEY_STATE]
+    sites = int(state.get("sample_num", 0))  # type: ignore[arg-type]
+    q = int(state.get("target_range", 0))  # type: ignore[arg-type]
+    checks = {
+        "clipping_range": (float(state.get("clipping_range", 0.0)), CLIPPING_RANGE),  # type: ignore[arg-type]
+        "max_weight": (float(state.get("max_weight", 0.0)), MAX_WEIGHT),  # type: ignore[arg-type]
+        "modulus_range": (int(state.get("mod_range", 0)), MODULUS_RANGE),  # type: ignore[arg-type]
+    }
+    for name, (got, want) in checks.items():
+        if got != want:
+            raise ProtocolError(f"SecAgg+ {name}={got} from the server; this site requires {want}.")
+    try:
+        check_no_wrap(num_sites=sites, quantization_range=q)
+        return SecAggPlusSumCodec(q)
+    except ConfigError as exc:
+        raise ProtocolError(f"refusing SecAgg+ round with {sites} sites: {exc}") from exc
+
+
+class SiteClient(NumPyClient):
+    """NumPyClient answering fit instructions with (encoded) statistics.
+
+    Parameters
+    ----------
+    site : SiteData
+    context : flwr.app.Context
+        The node's context (holds the SecAgg+ set-up of the round).
+    secagg : bool
+        Whether this site requires SecAgg+ for everything it sends.
+    """
+
+    def __init__(self, site: SiteData, context: Context, *, secagg: bool) -> None:
         self.site = site
-        self.codec = codec
+        self.context = context
+        self.secagg = secagg
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict]:
         """Return the statistics of the requested phase, ``num_examples=1``, no metrics."""
         phase = parse_phase(config.get(PHASE_KEY))
         groups = int(config.get(GROUPS_KEY, 1))
+        codec = codec_from_secagg_state(self.context) if self.secagg else None
         reply = site_statistics(self.site, phase, parameters, groups=groups)
-        if self.codec is not None:
-            reply = self.codec.encode(reply)
+        if codec is not None:
+            reply = codec.encode(reply)
         return reply, 1, {}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict]:
@@ -148,11 +201,24 @@ class SiteClient(NumPyClient):
         raise ProtocolError("fedseg sites do not send parameters outside a fit round.")
 
 
+def require_secagg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Refuse any training message that is not part of a SecAgg+ exchange.
+
+    A site configured for SecAgg+ must not be talked into sending plain statistics by a server
+    that skips the protocol; without this mod that would only fail deep inside Flower.
+    """
+    if message.metadata.message_type == MessageType.TRAIN and (
+        not message.has_content() or RECORD_KEY_CONFIGS not in message.content.config_records
+    ):
+        raise ProtocolError("this site sends statistics only through SecAgg+; the server asked "
+                            "for a plain training reply (check privacy= on the server).")
+    return call_next(message, context)
+
+
 def make_client_app(
     site_loader: SiteLoader,
     *,
     secagg: bool,
-    quantization_range: int | None = None,
     audit_dir: str | None = None,
     extra_mods: Sequence[Mod] = (),
 ) -> ClientApp:
@@ -163,24 +229,19 @@ def make_client_app(
     site_loader : callable
         ``context -> SiteData`` for the node running the app.
     secagg : bool
-        Whether the federation runs SecAgg+ (adds ``secaggplus_mod``).
-    quantization_range : int, optional
-        The SecAgg+ quantisation range the server uses (required with ``secagg``).
+        Whether the site requires SecAgg+ (adds ``secaggplus_mod`` and refuses plain rounds).
     audit_dir : str, optional
         Directory of the site's audit log (``site-<partition>.jsonl``); ``None`` disables it.
     extra_mods : sequence of Mod
         Outermost mods (tests record every outgoing message with one).
     """
-    if secagg and quantization_range is None:
-        raise ProtocolError("secagg=True needs the quantization_range agreed with the server.")
-    codec = SecAggPlusSumCodec(quantization_range) if secagg and quantization_range else None
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(site_loader(context), codec).to_client()
+        return SiteClient(site_loader(context), context, secagg=secagg).to_client()
 
     mods: list[Mod] = list(extra_mods)
     if audit_dir is not None:
         mods.append(make_audit_mod(audit_dir, mechanism="secagg+" if secagg else "none"))
     if secagg:
-        mods.append(secaggplus_mod)
+        mods.extend([require_secagg_mod, secaggplus_mod])
     return ClientApp(client_fn=client_fn, mods=mods)

@@ -101,3 +101,40 @@ def make_audit_mod(audit_dir: str | Path, *, mechanism: str) -> Mod:
         return reply
 
     return audit_mod
+
+
+def make_capture_mod(capture_dir: str | Path) -> Mod:
+    """Return a mod that saves every outgoing reply, byte for byte, for inspection.
+
+    Each reply's content is written as the protobuf Flower serialises
+    (``<site>-<n>.pb``) with a JSON sidecar (``<site>-<n>.json``) holding the metadata and the
+    phase the site was asked for. Put it outermost (first in ``mods``) to see exactly what
+    leaves the site. Meant for audits and tests; it stores masked payloads, never raw records.
+
+    Parameters
+    ----------
+    capture_dir : str or Path
+        Directory for the captured messages.
+    """
+    directory = Path(capture_dir)
+
+    def capture_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(message, context)
+        site = str(context.node_config.get("partition-id", context.node_id))
+        directory.mkdir(parents=True, exist_ok=True)
+        seq = len(list(directory.glob(f"site-{site}-*.json")))
+        phase = None
+        if message.has_content():
+            for record in message.content.config_records.values():
+                if "fedseg.phase" in record:
+                    phase = record["fedseg.phase"]
+        payload = (recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
+                   if reply.has_content() else b"")
+        stem = directory / f"site-{site}-{seq:04d}"
+        stem.with_suffix(".pb").write_bytes(payload)
+        sidecar = {"site": site, "seq": seq, "phase": phase, "in_type":
+                   message.metadata.message_type, **describe_message(reply)}
+        stem.with_suffix(".json").write_text(json.dumps(sidecar, sort_keys=True), "utf-8")
+        return reply
+
+    return capture_mod

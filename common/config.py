@@ -92,7 +92,7 @@ class SecAggPrivacyConfig:
 class NoPrivacyConfig:
     """No secure aggregation: sites send plain statistics (``privacy=none``, explicit)."""
 
-    _target_: Any = None
+    _target_: str = "server.app.no_secure_aggregation"
 
 
 @dataclass

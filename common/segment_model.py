@@ -339,6 +339,8 @@ class SegmentModel:
     @classmethod
     def from_dict(cls, doc: dict[str, Any], *, source: str = "<dict>") -> SegmentModel:
         """Load and validate a model dictionary; errors name the offending key."""
+        if not isinstance(doc, dict):
+            raise DataError(f"expected a JSON object, got {type(doc).__name__}.", path=source)
         if doc.get("schema") != SCHEMA_NAME:
             raise DataError(f"key 'schema' is {doc.get('schema')!r}; expected {SCHEMA_NAME!r}.",
                             path=source)
@@ -377,4 +379,9 @@ class SegmentModel:
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON ({exc.msg} at line {exc.lineno}).",
                             path=str(path)) from exc
+        except UnicodeDecodeError as exc:
+            raise DataError("is not UTF-8 text; expected a JSON segment model.",
+                            path=str(path)) from exc
+        except OSError as exc:
+            raise DataError(f"cannot be read ({exc.strerror}).", path=str(path)) from exc
         return cls.from_dict(doc, source=str(path))

@@ -60,6 +60,11 @@ class SecAggSettings:
     timeout: float | None = None
 
 
+def no_secure_aggregation() -> None:
+    """Return ``None``: the explicit ``privacy=none`` choice (sites send plain statistics)."""
+    return None
+
+
 @dataclass(frozen=True)
 class FederationPlan:
     """Everything the ServerApp needs, all public.

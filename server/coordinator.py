@@ -24,6 +24,7 @@ from common.scaling import GlobalScaler
 from common.segment_model import ProfileStats, SegmentModel
 
 INIT_METHODS = ("summary", "random")
+_TIE_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,11 @@ class KMeansCoordinator:
         self.lloyd_rounds += 1
         self.converged = self._run_done[int(np.argmin(self._run_cost))] and all(self._run_done)
         if self.converged or self.lloyd_rounds >= self.settings.max_rounds:
-            self.best_run = int(np.argmin(self._run_cost))
+            # Runs that reached the same optimum differ only by rounding: take the first of
+            # them, so that the SecAgg+ and the plain path publish the same segment order.
+            best = min(self._run_cost)
+            self.best_run = next(r for r, c in enumerate(self._run_cost)
+                                 if c <= best + _TIE_RTOL * abs(best))
             self.centres = new_all[self.best_run * k:(self.best_run + 1) * k]
             self.phase = Phase.PROFILE
 

@@ -22,6 +22,7 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.cluster import KMeans
@@ -64,6 +65,19 @@ def _quiet_flower(verbose: bool) -> None:
     if not verbose:
         # Flower logs every SecAgg+ stage at INFO and run_simulation's deprecation at WARNING.
         logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def _build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces fedseg's own error instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, FedsegError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(exc).splitlines()[0]) from exc
 
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
@@ -112,22 +126,22 @@ def run(
     _quiet_flower(bool(cfg.verbose))
     seed = int(cfg.seed)
 
-    population: Population = instantiate(cfg.data).load(seed=seed)
+    population: Population = _build(cfg.data).load(seed=seed)
     groups = len(np.unique(population.groups))
     num_sites = groups if cfg.federation.num_sites is None else int(cfg.federation.num_sites)
-    parts = instantiate(cfg.partition).split(population, num_sites=num_sites, seed=seed)
+    parts = _build(cfg.partition).split(population, num_sites=num_sites, seed=seed)
     if len(parts) != num_sites:
         raise ConfigError(f"the partition produced {len(parts)} sites; expected {num_sites}.")
     sizes = [len(p) for p in parts]
     _say(population.description)
-    partition_name = type(instantiate(cfg.partition)).__name__
+    partition_name = type(_build(cfg.partition)).__name__
     _say(f"{num_sites} sites, {min(sizes)}..{max(sizes)} customers each ({partition_name})")
 
-    settings: KMeansSettings = instantiate(
+    settings: KMeansSettings = _build(
         cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
         seed=seed,
     )
-    secagg = instantiate(cfg.privacy)
+    secagg = _build(cfg.privacy)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     plan = FederationPlan(settings=settings, features=population.features, num_sites=num_sites,
@@ -145,7 +159,6 @@ def run(
         PartitionedSites(parts=tuple(population.raw[p] for p in parts),
                          features=population.features),
         secagg=secagg is not None,
-        quantization_range=plan.quantization_range if secagg is not None else None,
         audit_dir=str(audit_dir),
         extra_mods=client_mods,
     )

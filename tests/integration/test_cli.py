@@ -1,0 +1,89 @@
+"""The Hydra command line as a user runs it: outputs, overrides, multirun, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "simulations.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_default_main_job_meets_its_bars(tmp_path):
+    proc = _run(f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["secagg"] is True and summary["num_sites"] >= 5
+    assert summary["num_customers"] >= 40_000
+    assert summary["cost_ratio"] <= 1.02
+    assert summary["ari_vs_truth"] >= 0.9
+    # Progress per round and the closing table are printed.
+    assert "round  1 moments" in proc.stdout and "profile" in proc.stdout
+    assert f"segment model: {tmp_path / 'segments.json'}" in proc.stdout
+    assert "High-spend" in proc.stdout or "high-spend" in proc.stdout
+
+
+def test_overrides_and_resolved_config_are_written(tmp_path):
+    proc = _run("model.k=3", "federation.num_sites=4", "privacy=none", "data.num_customers=3000",
+                "data.num_regions=3", "partition=iid", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["k"] == 3 and summary["num_sites"] == 4 and summary["secagg"] is False
+    resolved = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "k: 3" in resolved and "num_sites: 4" in resolved
+    assert "OFF (privacy=none" in proc.stdout
+
+
+def test_multirun_sweeps_k(tmp_path):
+    proc = _run("-m", "model.k=3,4", "data.num_customers=2000", "data.num_regions=2",
+                "strategy.n_init=1", f"hydra.sweep.dir={tmp_path}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ks = sorted(json.loads(p.read_text())["k"] for p in tmp_path.glob("*/summary.json"))
+    assert ks == [3, 4]
+
+
+def test_bad_csv_path_gives_a_clear_error_and_no_traceback(tmp_path):
+    missing = tmp_path / "nope.csv"
+    proc = _run("data=csv", f"data.path={missing}", "data.site_column=store",
+                "data.features=[spend]", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "fedseg: error" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_numeric_csv_value_names_file_row_and_column(tmp_path):
+    data = tmp_path / "c.csv"
+    data.write_text("store,spend,visits\na,10,1\nb,lots,2\n")
+    proc = _run("data=csv", f"data.path={data}", "data.site_column=store",
+                "data.features=[spend,visits]", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "row 2" in proc.stderr and "'spend'" in proc.stderr and str(data) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_and_wrong_type_fail_at_compose_time(tmp_path):
+    typo = _run("model.kk=3", f"hydra.run.dir={tmp_path}")
+    assert typo.returncode != 0 and "kk" in typo.stderr and "Traceback" not in typo.stderr
+    wrong = _run("model.k=many", f"hydra.run.dir={tmp_path}")
+    assert wrong.returncode != 0 and "many" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_wholesale_preset_runs_on_the_real_file(tmp_path, wholesale_csv: Path):
+    proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=5",
+                f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_sites"] == 3 and summary["ari_vs_truth"] is None
+    assert summary["cost_ratio"] <= 1.03

@@ -1,0 +1,147 @@
+"""Real Flower simulations (Ray engine, SecAgg+): exactness, message contents, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.serde import recorddict_from_proto
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from client.audit import make_capture_mod
+from common.protocol import Phase, reply_shapes
+from common.secure_sum import SecAggPlusSumCodec, quantization_range_for
+from simulations.datasets import SyntheticCustomers
+from simulations.run import run
+from simulations.synthetic import generate_customers
+
+pytestmark = pytest.mark.integration
+
+SMALL = ("data.num_customers=4000", "data.num_regions=3", "model.k=4", "strategy.n_init=2",
+         "seed=7")
+
+
+def _segments(path: Path) -> np.ndarray:
+    doc = json.loads((path / "segments.json").read_text())
+    return np.array([s["centroid_scaled"] for s in doc["segments"]])
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def secagg_and_plain_runs(tmp_path_factory):
+    """One SecAgg+ run with every outgoing message captured, and the same run without SecAgg+."""
+    from hydra import compose, initialize_config_dir
+
+    from common.config import register_configs
+    from tests.conftest import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg_secagg = compose("config", overrides=[*SMALL, "privacy=secagg"])
+        cfg_plain = compose("config", overrides=[*SMALL, "privacy=none"])
+    secagg_dir = tmp_path_factory.mktemp("secagg")
+    plain_dir = tmp_path_factory.mktemp("plain")
+    capture_dir = tmp_path_factory.mktemp("capture")
+    secagg = run(cfg_secagg, output_dir=secagg_dir,
+                 client_mods=(make_capture_mod(capture_dir),))
+    plain = run(cfg_plain, output_dir=plain_dir)
+    return {"secagg": (secagg, secagg_dir), "plain": (plain, plain_dir), "capture": capture_dir,
+            "cfg": cfg_secagg}
+
+
+def test_secagg_path_reproduces_plain_path_round_by_round(secagg_and_plain_runs):
+    secagg, secagg_dir = secagg_and_plain_runs["secagg"]
+    plain, plain_dir = secagg_and_plain_runs["plain"]
+    assert secagg["secagg"] is True and plain["secagg"] is False
+    m_secagg, m_plain = _metrics(secagg_dir), _metrics(plain_dir)
+    assert [m["phase"] for m in m_secagg] == [m["phase"] for m in m_plain]
+    for a, b in zip(m_secagg, m_plain, strict=True):
+        if a["cost"] is not None:
+            assert abs(a["cost"] - b["cost"]) <= 1e-6 * abs(b["cost"]), a["round"]
+    c_secagg, c_plain = _segments(secagg_dir), _segments(plain_dir)
+    rel = np.abs(c_secagg - c_plain).max() / np.abs(c_plain).max()
+    assert rel < 1e-4
+    assert secagg["cost_ratio"] < 1.05 and secagg["rounds"] == plain["rounds"]
+
+
+def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_runs):
+    capture: Path = secagg_and_plain_runs["capture"]
+    cfg = secagg_and_plain_runs["cfg"]
+    summary, _ = secagg_and_plain_runs["secagg"]
+    num_sites, k, d = summary["num_sites"], summary["k"], 7
+    codec = SecAggPlusSumCodec(quantization_range_for(num_sites))
+    table = generate_customers(num_customers=cfg.data.num_customers,
+                               num_regions=cfg.data.num_regions, seed=cfg.seed)
+    identifiers = [s.encode() for s in
+                   [*table.customer_id[:500], *table.email[:500], *table.name[:500]]]
+    site_sizes = set(summary["site_sizes"])
+    sidecars = sorted(capture.glob("*.json"))
+    assert len(sidecars) >= num_sites * 4 * summary["rounds"]  # 4 SecAgg+ stages per round
+    masked_replies = 0
+    n_candidates = 10 * k
+    for sidecar in sidecars:
+        meta = json.loads(sidecar.read_text())
+        payload = sidecar.with_suffix(".pb").read_bytes()
+        # Only SecAgg+ training replies leave a site: no evaluate or query replies at all.
+        assert meta["message_type"] == "train" and meta["in_type"] == "train"
+        assert not meta["has_error"]
+        # Arrays never travel in clear: every ArrayRecord of a reply is empty.
+        assert all(not arrays for arrays in meta["arrays"].values()), meta
+        for ident in identifiers:
+            assert ident not in payload
+        content = recorddict_from_proto(ProtoRecordDict.FromString(payload))
+        secagg_cfg = content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS not in secagg_cfg:
+            continue
+        masked_replies += 1
+        fitres = recorddict_to_fitres(content, keep_input=True)
+        assert fitres.num_examples == 1 and fitres.metrics == {}
+        phase = Phase(meta["phase"])
+        groups = cfg.strategy.n_init if phase is Phase.LLOYD else 1
+        n_centres = {Phase.MOMENTS: 0, Phase.INIT: n_candidates, Phase.LLOYD: k * groups,
+                     Phase.PROFILE: k}[phase]
+        expected = [(1,)] + [codec.encoded_shape(s)
+                             for s in reply_shapes(phase, n_centres=n_centres, n_features=d)]
+        shapes = [bytes_to_ndarray(b).shape for b in secagg_cfg[Key.MASKED_PARAMETERS]]
+        assert shapes == expected, (phase, shapes)
+        assert not any(dim in site_sizes for shape in shapes for dim in shape)
+    assert masked_replies == num_sites * summary["rounds"]
+
+
+def test_outputs_are_complete(secagg_and_plain_runs):
+    _, out = secagg_and_plain_runs["secagg"]
+    for name in ("segments.json", "metrics.jsonl", "summary.json", "config.resolved.yaml"):
+        assert (out / name).is_file(), name
+    written = json.loads((out / "summary.json").read_text())
+    for key in ("cost", "centralized_cost", "cost_ratio", "ari_vs_truth", "ari_vs_centralized",
+                "rounds", "seconds", "num_sites", "k", "secagg",
+                "bytes_uploaded_per_site_round"):
+        assert key in written, key
+    assert written["bytes_uploaded_per_site_round"] > 0
+    metrics = _metrics(out)
+    assert len(metrics) == written["rounds"]
+    assert all(m["bytes_uploaded_per_site"] > 0 for m in metrics)
+    assert {m["phase"] for m in metrics} == {"moments", "init", "lloyd", "profile"}
+    doc = json.loads((out / "segments.json").read_text())
+    assert doc["privacy"]["secure_aggregation"] == "secagg+"
+    assert doc["privacy"]["min_segment_size"] == 10
+    assert len({s["name"] for s in doc["segments"]}) == len(doc["segments"])
+    audit_lines = [json.loads(line) for f in (out / "audit").glob("site-*.jsonl")
+                   for line in f.read_text().splitlines()]
+    assert audit_lines and all(e["mechanism"] == "secagg+" for e in audit_lines)
+    assert all("sha256" in e and e["bytes"] > 0 for e in audit_lines)
+
+
+def test_population_excludes_refused_consent():
+    population = SyntheticCustomers(num_customers=2000, num_regions=3).load(seed=1)
+    table = generate_customers(num_customers=2000, num_regions=3, seed=1)
+    assert population.raw.shape[0] == int(table.consent.sum()) < 2000
+    np.testing.assert_array_equal(population.raw, table.features[table.consent])

@@ -1,0 +1,251 @@
+"""Hydra config composition: defaults, public overrides, schema checks and instantiation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from common.config import register_configs
+from common.errors import ConfigError
+from server.app import SecAggSettings
+from server.coordinator import KMeansSettings
+from simulations.datasets import (
+    ByGroupPartition,
+    CsvCustomers,
+    DirichletPartition,
+    IidPartition,
+    SyntheticCustomers,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CSV_OVERRIDES = ["data=csv", "data.path=x.csv", "data.site_column=s", "data.features=[a,b]"]
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture
+def compose() -> Iterator[Compose]:
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def _compose(*overrides: str) -> DictConfig:
+            return hydra.compose("config", overrides=list(overrides))
+
+        yield _compose
+
+
+def _settings(cfg: DictConfig) -> KMeansSettings:
+    return instantiate(cfg.strategy, k=int(cfg.model.k),
+                       min_segment_size=int(cfg.model.min_segment_size), seed=int(cfg.seed))
+
+
+def test_conf_dir_holds_one_folder_per_group():
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+    assert groups == {"data", "partition", "model", "strategy", "privacy", "federation"}
+
+
+# --- composition --------------------------------------------------------------------------
+
+
+def test_defaults(compose):
+    cfg = compose()
+
+    assert cfg.data._target_ == "simulations.datasets.SyntheticCustomers"
+    assert cfg.data.num_customers == 50_000
+    assert cfg.partition._target_ == "simulations.datasets.ByGroupPartition"
+    assert cfg.model.k == 6
+    assert cfg.model.min_segment_size == 10
+    assert cfg.strategy._target_ == "server.coordinator.KMeansSettings"
+    assert cfg.strategy.init == "summary"
+    assert cfg.privacy._target_ == "server.app.SecAggSettings"
+    assert cfg.federation.num_sites is None
+    assert cfg.seed == 0
+
+
+def test_public_overrides_compose_with_their_values(compose):
+    cfg = compose(
+        "model.k=6", "federation.num_sites=10", "privacy=none", "partition=dirichlet",
+        "partition.alpha=0.5", *CSV_OVERRIDES, "data.transform=log1p", "seed=3",
+    )
+
+    assert cfg.model.k == 6
+    assert cfg.federation.num_sites == 10
+    assert instantiate(cfg.privacy) is None
+    assert cfg.partition._target_ == "simulations.datasets.DirichletPartition"
+    assert cfg.partition.alpha == 0.5
+    assert cfg.data._target_ == "simulations.datasets.CsvCustomers"
+    assert cfg.data.path == "x.csv"
+    assert cfg.data.site_column == "s"
+    assert list(cfg.data.features) == ["a", "b"]
+    assert cfg.data.transform == "log1p"
+    assert cfg.seed == 3
+
+
+def test_override_changes_the_value(compose):
+    cfg = compose("model.k=9", "strategy.max_rounds=4", "privacy.num_shares=3")
+
+    assert cfg.model.k == 9
+    assert cfg.strategy.max_rounds == 4
+    assert cfg.privacy.num_shares == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("model.kk=3", "model.kk"), ("data.foo=1", "data.foo"),
+     ("strategy.rounds=3", "strategy.rounds"), ("federation.sites=3", "federation.sites")],
+)
+def test_unknown_key_fails_at_compose_naming_the_key(compose, override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(override)
+
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("model.k=abc", "model.k"), ("federation.num_sites=x", "federation.num_sites"),
+     ("strategy.tol=small", "strategy.tol"), ("seed=one", "seed")],
+)
+def test_wrong_type_fails_at_compose_with_a_clear_message(compose, override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(override)
+
+    assert override in str(info.value)
+    cause = str(info.value.__cause__)
+    assert f"full_key: {key}" in cause
+    assert "could not be converted" in cause
+
+
+def test_unknown_group_option_fails_at_compose(compose):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose("privacy=dp")
+
+    assert "privacy" in str(info.value)
+
+
+# --- instantiation of every option --------------------------------------------------------
+
+
+def test_data_synthetic_instantiates(compose):
+    data = instantiate(compose("data=synthetic", "data.num_customers=500").data)
+
+    assert isinstance(data, SyntheticCustomers)
+    assert data.num_customers == 500
+    assert data.num_regions == 5
+
+
+def test_data_csv_instantiates(compose):
+    cfg = compose(*CSV_OVERRIDES, "data.transform=log1p", "data.label_column=truth")
+
+    data = instantiate(cfg.data)
+
+    assert isinstance(data, CsvCustomers)
+    assert data.path == "x.csv"
+    assert data.site_column == "s"
+    assert list(data.features) == ["a", "b"]
+    assert data.transform == "log1p"
+    assert data.label_column == "truth"
+
+
+def test_data_wholesale_instantiates_with_default_path(compose, monkeypatch):
+    monkeypatch.delenv("FEDSEG_WHOLESALE_CSV", raising=False)
+
+    data = instantiate(compose("data=wholesale").data)
+
+    assert isinstance(data, CsvCustomers)
+    assert data.path == "../shared/data/wholesale_customers.csv"
+    assert data.site_column == "Region"
+    assert list(data.features) == ["Fresh", "Milk", "Grocery", "Frozen", "Detergents_Paper",
+                                   "Delicassen"]
+    assert data.transform == "log1p"
+    assert data.label_column is None
+
+
+def test_data_wholesale_path_follows_the_environment(compose, monkeypatch):
+    monkeypatch.setenv("FEDSEG_WHOLESALE_CSV", "/data/w.csv")
+
+    data = instantiate(compose("data=wholesale").data)
+
+    assert data.path == "/data/w.csv"
+
+
+@pytest.mark.parametrize(
+    ("option", "cls"),
+    [("by_region", ByGroupPartition), ("dirichlet", DirichletPartition), ("iid", IidPartition)],
+)
+def test_partition_options_instantiate(compose, option, cls):
+    partition = instantiate(compose(f"partition={option}").partition)
+
+    assert type(partition) is cls
+
+
+def test_dirichlet_partition_carries_its_parameters(compose):
+    partition = instantiate(
+        compose("partition=dirichlet", "partition.alpha=0.5", "partition.min_size=3").partition
+    )
+
+    assert partition == DirichletPartition(alpha=0.5, min_size=3)
+
+
+def test_privacy_secagg_instantiates(compose):
+    privacy = instantiate(compose("privacy=secagg", "privacy.timeout=30").privacy)
+
+    assert privacy == SecAggSettings(num_shares=1.0, reconstruction_threshold=0.67, timeout=30.0)
+
+
+def test_privacy_none_instantiates_to_none(compose):
+    cfg = compose("privacy=none")
+
+    assert instantiate(cfg.privacy) is None
+
+
+def test_strategy_and_model_instantiate_kmeans_settings(compose):
+    cfg = compose("strategy=kmeans", "model=kmeans", "model.k=4", "model.min_segment_size=7",
+                  "strategy.init=random", "strategy.n_init=2", "seed=5")
+
+    settings = _settings(cfg)
+
+    assert settings == KMeansSettings(k=4, max_rounds=30, tol=1e-4, init="random",
+                                      init_candidates=0, init_rounds=5, n_init=2,
+                                      min_segment_size=7, seed=5)
+    assert settings.n_candidates == 40
+
+
+def test_federation_simulation_composes(compose):
+    federation = instantiate(compose("federation=simulation", "federation.num_sites=4").federation)
+
+    assert federation.num_sites == 4
+    assert federation.backend == "ray"
+    assert federation.cpus_per_site == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [(("strategy.init=foo",), "strategy.init"), (("model.k=1",), "model.k"),
+     (("strategy.max_rounds=0",), "strategy.max_rounds"), (("strategy.tol=0",), "strategy.tol"),
+     (("model.k=5", "strategy.init_candidates=3"), "strategy.init_candidates"),
+     (("model.min_segment_size=0",), "model.min_segment_size")],
+)
+def test_bad_strategy_values_raise_config_error_naming_the_key(compose, overrides, key):
+    cfg = compose(*overrides)
+
+    # Hydra wraps whatever the target raises; the project error is the cause.
+    with pytest.raises(InstantiationException) as info:
+        _settings(cfg)
+
+    cause = info.value.__cause__
+    assert isinstance(cause, ConfigError)
+    assert f"{key}=" in str(cause)
+
+
+def test_kmeans_settings_validate_without_hydra():
+    with pytest.raises(ConfigError, match=r"strategy\.init='foo'"):
+        KMeansSettings(init="foo")
+    with pytest.raises(ConfigError, match=r"model\.k=1"):
+        KMeansSettings(k=1)
