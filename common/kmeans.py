@@ -326,7 +326,9 @@ def weighted_kmeans(
                 break
             previous = stats.cost
         cost = compute_stats(points, centroids, sample_weight=w).cost
-        if cost < best_cost:
+        # Restarts that reach the same optimum (often with permuted labels) differ only by
+        # rounding: keep the first, so results do not hinge on the last bits of the input.
+        if cost < best_cost * (1.0 - 1e-9):
             best_centroids, best_cost = centroids, cost
     assert best_centroids is not None  # n_init >= 1 always sets it
     return best_centroids, float(best_cost)

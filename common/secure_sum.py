@@ -27,6 +27,7 @@ the sites' low-order fixed-point digits). This is recorded in the design notes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -231,22 +232,28 @@ def plain_sum(site_arrays: Sequence[Sequence[NDArray[np.float64]]]) -> list[NDAr
     Returns
     -------
     list of ndarray
-        The float64 element-wise sums.
+        The float64 element-wise sums, correctly rounded (``math.fsum``): the result does not
+        depend on the order in which site replies arrive, so runs are reproducible.
     """
     if not site_arrays:
         raise ProtocolError("no site results to sum.")
     first = site_arrays[0]
-    sums = [np.zeros(np.shape(a), dtype=np.float64) for a in first]
+    shapes = [np.shape(a) for a in first]
     for site, arrays in enumerate(site_arrays):
         if len(arrays) != len(first):
             raise ProtocolError(
                 f"site result #{site} has {len(arrays)} arrays; expected {len(first)}."
             )
-        for index, (total, arr) in enumerate(zip(sums, arrays, strict=True)):
-            if np.shape(arr) != total.shape:
+        for index, (shape, arr) in enumerate(zip(shapes, arrays, strict=True)):
+            if np.shape(arr) != shape:
                 raise ProtocolError(
                     f"site result #{site} array #{index} has shape {np.shape(arr)}; "
-                    f"expected {total.shape}."
+                    f"expected {shape}."
                 )
-            total += np.asarray(arr, dtype=np.float64)
+    sums = []
+    for index, shape in enumerate(shapes):
+        stacked = np.stack([np.asarray(arrays[index], dtype=np.float64).ravel()
+                            for arrays in site_arrays])
+        total = np.array([math.fsum(column) for column in stacked.T.tolist()], dtype=np.float64)
+        sums.append(total.reshape(shape))
     return sums

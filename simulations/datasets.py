@@ -66,6 +66,10 @@ class SyntheticCustomers:
     num_customers: int = 50_000
     num_regions: int = 5
 
+    def feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """Return the public feature list (known without reading any data)."""
+        return synthetic_features()
+
     def load(self, *, seed: int) -> Population:
         """Generate the table and keep consenting customers' declared features."""
         try:
@@ -98,16 +102,20 @@ class CsvCustomers:
     transform: str = "none"
     label_column: str | None = None
 
-    def load(self, *, seed: int) -> Population:
-        """Read the declared columns with :func:`client.csv_source.read_customer_csv`."""
+    def feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """Return the public feature list (known without reading any data)."""
         if not self.features:
             raise ConfigError("data.features is empty; list the numeric columns to cluster on.")
         if self.transform not in TRANSFORMS:
             raise ConfigError(
                 f"data.transform={self.transform!r} should be one of {', '.join(TRANSFORMS)}."
             )
+        return tuple(FeatureSpec(name=str(f), transform=self.transform) for f in self.features)
+
+    def load(self, *, seed: int) -> Population:
+        """Read the declared columns with :func:`client.csv_source.read_customer_csv`."""
+        specs = self.feature_specs()
         path = Path(to_absolute_path(self.path)) if _in_hydra() else Path(self.path)
-        specs = tuple(FeatureSpec(name=str(f), transform=self.transform) for f in self.features)
         cols = read_customer_csv(path, features=specs, site_column=self.site_column,
                                  label_column=self.label_column)
         assert cols.sites is not None

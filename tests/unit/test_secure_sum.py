@@ -125,3 +125,12 @@ def test_property_sum_is_exact_to_fixed_point_resolution(rows):
     decoded = codec.decode(means, num_sites=n)[0]
     np.testing.assert_allclose(decoded, np.sum(rows, axis=0), rtol=0,
                                atol=n * 2.0**-FRACTION_BITS + 1e-9 * np.abs(rows).sum())
+
+
+def test_plain_sum_does_not_depend_on_arrival_order():
+    rng = np.random.default_rng(5)
+    sites = [[rng.normal(0, 1e6, (4, 3)) * 10.0 ** rng.integers(-8, 8)] for _ in range(7)]
+    forward = plain_sum(sites)[0]
+    backward = plain_sum(sites[::-1])[0]
+    np.testing.assert_array_equal(forward, backward)
+    np.testing.assert_allclose(forward, np.sum([s[0] for s in sites], axis=0), rtol=1e-12)
