@@ -11,6 +11,7 @@ Every message the site sends is recorded in its audit log (:mod:`client.audit`).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from numpy.typing import NDArray
 
 from client.audit import make_audit_mod
+from common import mask_prg
 from common.errors import ConfigError, DataError, ProtocolError
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
@@ -42,6 +44,13 @@ from common.secure_sum import (
     check_no_wrap,
 )
 from common.segment_model import ProfileStats
+
+SECAGG_MODULES = (
+    importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
+    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
+)
+"""Flower modules whose SecAgg+ mask generator this site replaces (see common.mask_prg)."""
+mask_prg.install(*SECAGG_MODULES)
 
 
 @dataclass(frozen=True)

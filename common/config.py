@@ -83,8 +83,8 @@ class SecAggPrivacyConfig:
     """SecAgg+ secure aggregation (``privacy=secagg``, the default)."""
 
     _target_: str = "server.app.SecAggSettings"
-    num_shares: float = 1.0
-    reconstruction_threshold: float = 0.67
+    num_shares: float | None = None
+    reconstruction_threshold: float | None = None
     timeout: float | None = None
 
 

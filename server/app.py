@@ -9,6 +9,8 @@ these Flower details, so it can be swapped when Flower ships a Message-API SecAg
 
 from __future__ import annotations
 
+import importlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
+from common import mask_prg
 from common.errors import ConfigError, ProtocolError
 from common.features import FeatureSpec
 from common.secure_sum import (
@@ -40,6 +43,53 @@ from common.segment_model import SegmentModel
 from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.strategy import FederatedKMeans
 
+SECAGG_MODULES = (
+    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
+    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
+)
+"""Flower modules whose SecAgg+ mask generator the server replaces (see common.mask_prg)."""
+mask_prg.install(*SECAGG_MODULES)
+
+
+COMPLETE_GRAPH_MAX_SITES = 30
+"""Up to this many sites every site shares its secrets with every other (see secagg_shares)."""
+
+
+def secagg_shares(num_sites: int) -> tuple[int, int]:
+    """Choose the SecAgg+ neighbourhood size and reconstruction threshold for ``num_sites``.
+
+    SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, "Secure single-server aggregation with
+    (poly)logarithmic overhead", CCS 2020) secret-shares each site's mask keys with ``s``
+    neighbours; any ``t`` of them can rebuild the keys of a dropped site.
+
+    * ``s``: federations of customer-data sites are small, so up to
+      :data:`COMPLETE_GRAPH_MAX_SITES` sites every site is everyone's neighbour (``s = n``):
+      the strongest setting, and its O(n^2) key agreements cost little at that size. Beyond,
+      the paper's logarithmic neighbourhoods apply: the smallest odd ``s >= 3 * log2(n)``
+      (odd because Flower's neighbour ring is symmetric around each site).
+    * ``t = floor(s / 2) + 1``, a strict majority of a neighbourhood: the server needs ``t``
+      shares to unmask anything, so it learns nothing beyond the sum unless ``t`` of a site's
+      neighbours collude with it, and the round survives up to ``s - t`` dropped neighbours.
+
+    Parameters
+    ----------
+    num_sites : int
+        Sites sampled in the round (>= 2).
+
+    Returns
+    -------
+    (num_shares, threshold) : tuple of int
+    """
+    if num_sites < 2:
+        raise ConfigError(f"num_sites={num_sites} should be >= 2 for SecAgg+.")
+    if num_sites <= COMPLETE_GRAPH_MAX_SITES:
+        shares = num_sites
+    else:
+        shares = math.ceil(3 * math.log2(num_sites))
+        shares += 1 - shares % 2
+        shares = min(shares, num_sites)
+    return shares, max(2, shares // 2 + 1)
+
 
 @dataclass(frozen=True)
 class SecAggSettings:
@@ -47,17 +97,47 @@ class SecAggSettings:
 
     Attributes
     ----------
-    num_shares : float or int
-        Shares of each site's secrets (a float is a fraction of the sampled sites).
-    reconstruction_threshold : float or int
-        Shares needed to reconstruct a secret (a float is a fraction of ``num_shares``).
+    num_shares : float or None
+        Neighbourhood size: ``None`` chooses it from the number of sites
+        (:func:`secagg_shares`); a value <= 1 is a fraction of the sampled sites; a value > 1
+        is a count.
+    reconstruction_threshold : float or None
+        Shares needed to rebuild a secret: ``None`` is a strict majority of the
+        neighbourhood; a value <= 1 is a fraction of ``num_shares``; a value > 1 is a count.
     timeout : float or None
         Seconds to wait for replies in each stage (None: wait for all).
     """
 
-    num_shares: float | int = 1.0
-    reconstruction_threshold: float | int = 0.67
+    num_shares: float | None = None
+    reconstruction_threshold: float | None = None
     timeout: float | None = None
+
+    def resolve(self, num_sites: int) -> tuple[int, int]:
+        """Return the integer ``(num_shares, threshold)`` used for ``num_sites`` sites."""
+        auto_shares, _ = secagg_shares(num_sites)
+        if self.num_shares is None:
+            shares = auto_shares
+        elif self.num_shares <= 1:
+            shares = max(2, round(self.num_shares * num_sites))
+        else:
+            shares = int(self.num_shares)
+        if not 2 <= shares <= num_sites:
+            raise ConfigError(
+                f"privacy.num_shares={self.num_shares} gives {shares} shares for {num_sites} "
+                f"sites; expected between 2 and {num_sites}."
+            )
+        if self.reconstruction_threshold is None:
+            threshold = max(2, shares // 2 + 1)
+        elif self.reconstruction_threshold <= 1:
+            threshold = max(2, round(self.reconstruction_threshold * shares))
+        else:
+            threshold = int(self.reconstruction_threshold)
+        if not 2 <= threshold <= shares:
+            raise ConfigError(
+                f"privacy.reconstruction_threshold={self.reconstruction_threshold} gives "
+                f"{threshold} for {shares} shares; expected between 2 and {shares}."
+            )
+        return shares, threshold
 
 
 def no_secure_aggregation() -> None:
@@ -91,6 +171,7 @@ class FederationPlan:
             raise ConfigError(f"federation.num_sites={self.num_sites} should be >= 2.")
         if self.secagg is not None:
             check_no_wrap(num_sites=self.num_sites, quantization_range=self.quantization_range)
+            self.secagg.resolve(self.num_sites)
 
     @property
     def quantization_range(self) -> int:
@@ -104,8 +185,8 @@ class FederationPlan:
         return {
             "secure_aggregation": "secagg+",
             "secagg": {
-                "num_shares": self.secagg.num_shares,
-                "reconstruction_threshold": self.secagg.reconstruction_threshold,
+                "num_shares": self.secagg.resolve(self.num_sites)[0],
+                "reconstruction_threshold": self.secagg.resolve(self.num_sites)[1],
                 "clipping_range": CLIPPING_RANGE,
                 "quantization_range": self.quantization_range,
                 "modulus_range": MODULUS_RANGE,
@@ -149,9 +230,12 @@ def run_federated_kmeans(
         coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round
     )
     if plan.secagg is not None:
+        shares, threshold = plan.secagg.resolve(plan.num_sites)
+        # Flower refuses integer shares <= 2 and integer thresholds equal to the shares: pass
+        # those cases as the fraction 1.0 ("all"), which Flower resolves to the same integers.
         fit_workflow: Callable[[Grid, Context], None] = SecAggPlusWorkflow(
-            num_shares=plan.secagg.num_shares,
-            reconstruction_threshold=plan.secagg.reconstruction_threshold,
+            num_shares=shares if shares > 2 else 1.0,
+            reconstruction_threshold=threshold if 2 < shares != threshold else 1.0,
             max_weight=MAX_WEIGHT,
             clipping_range=CLIPPING_RANGE,
             quantization_range=plan.quantization_range,

@@ -87,3 +87,24 @@ def test_wholesale_preset_runs_on_the_real_file(tmp_path, wholesale_csv: Path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_sites"] == 3 and summary["ari_vs_truth"] is None
     assert summary["cost_ratio"] <= 1.03
+
+
+def test_generic_csv_with_identifiers_and_labels(tmp_path):
+    from simulations.synthetic import FEATURES, generate_customers
+
+    table = generate_customers(num_customers=3000, num_regions=3, seed=4)
+    data = tmp_path / "customers.csv"
+    table.to_csv(data)
+    features = "[" + ",".join(FEATURES[:4]) + "]"
+    proc = _run("data=csv", f"data.path={data}", "data.site_column=region",
+                f"data.features={features}", "data.transform=log1p",
+                "data.label_column=segment", "model.k=4", "strategy.n_init=2",
+                f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_sites"] == 3 and summary["num_customers"] == 3000
+    assert summary["ari_vs_truth"] is not None and summary["cost_ratio"] <= 1.05
+    model_text = (tmp_path / "out" / "segments.json").read_text()
+    # Identifiers in the file are never read, so they cannot reach the model.
+    assert table.customer_id[0] not in model_text and table.email[0] not in model_text
+    assert [f["name"] for f in json.loads(model_text)["features"]] == list(FEATURES[:4])

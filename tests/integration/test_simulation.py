@@ -145,3 +145,29 @@ def test_population_excludes_refused_consent():
     table = generate_customers(num_customers=2000, num_regions=3, seed=1)
     assert population.raw.shape[0] == int(table.consent.sum()) < 2000
     np.testing.assert_array_equal(population.raw, table.features[table.consent])
+
+
+def test_secagg_round_with_a_dropped_site_decodes_the_survivors_sum(make_cfg, tmp_path):
+    from simulations.faults import make_dropout_mod
+
+    cfg = make_cfg("data.num_customers=3000", "data.num_regions=4", "model.k=3",
+                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=3")
+    dropped = 1
+    summary = run(cfg, output_dir=tmp_path, client_mods=(
+        make_dropout_mod(site=dropped, server_round=1, stage="collect_masked_vectors"),))
+    metrics = _metrics(tmp_path)
+    assert metrics[0]["phase"] == "moments" and metrics[0]["num_sites"] == 3
+    assert all(m["num_sites"] == 4 for m in metrics[1:])
+    model = json.loads((tmp_path / "segments.json").read_text())
+    sizes = summary["site_sizes"]
+    # Round 1 summed only the three surviving sites, exactly (the dropped site's pairwise
+    # masks were rebuilt by the server from the survivors' key shares).
+    assert model["scaling"]["count"] == sum(sizes) - sizes[dropped]
+    population = SyntheticCustomers(num_customers=3000, num_regions=4).load(seed=3)
+    from common.features import apply_transforms
+    from simulations.datasets import ByGroupPartition
+
+    parts = ByGroupPartition().split(population, num_sites=4, seed=3)
+    survivors = np.vstack([population.raw[p] for i, p in enumerate(parts) if i != dropped])
+    expected_mean = apply_transforms(survivors, population.features).mean(axis=0)
+    np.testing.assert_allclose(model["scaling"]["mean"], expected_mean, rtol=1e-9)

@@ -196,7 +196,8 @@ def test_dirichlet_partition_carries_its_parameters(compose):
 def test_privacy_secagg_instantiates(compose):
     privacy = instantiate(compose("privacy=secagg", "privacy.timeout=30").privacy)
 
-    assert privacy == SecAggSettings(num_shares=1.0, reconstruction_threshold=0.67, timeout=30.0)
+    assert privacy == SecAggSettings(num_shares=None, reconstruction_threshold=None, timeout=30.0)
+    assert privacy.resolve(5) == (5, 3)
 
 
 def test_privacy_none_instantiates_to_none(compose):

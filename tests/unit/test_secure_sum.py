@@ -13,6 +13,7 @@ from common.errors import ConfigError, ProtocolError
 from common.secure_sum import (
     CLIPPING_RANGE,
     FRACTION_BITS,
+    MAX_ABS_VALUE,
     MODULUS_RANGE,
     SecAggPlusSumCodec,
     check_no_wrap,
@@ -134,3 +135,25 @@ def test_plain_sum_does_not_depend_on_arrival_order():
     backward = plain_sum(sites[::-1])[0]
     np.testing.assert_array_equal(forward, backward)
     np.testing.assert_allclose(forward, np.sum([s[0] for s in sites], axis=0), rtol=1e-12)
+
+
+def test_maximum_site_count_with_extreme_values_cannot_wrap():
+    num_sites = 2**16  # the most sites fedseg accepts in one round
+    q = quantization_range_for(num_sites)
+    codec = SecAggPlusSumCodec(q)
+    extreme = np.array([MAX_ABS_VALUE * (1 - 2**-40), -MAX_ABS_VALUE * (1 - 2**-40), 0.0])
+    (payload,) = codec.encode([extreme])
+    # Every site sends the same extreme payload: the unmasked sum is num_sites * levels.
+    levels = quantize([payload], CLIPPING_RANGE, q)[0].astype(np.int64)
+    assert levels.max() <= q - 1
+    total = levels * num_sites
+    assert total.max() + num_sites * q < MODULUS_RANGE  # entries and weight factors both fit
+    mean = dequantize([total], CLIPPING_RANGE, q)[0]
+    mean = (mean - (num_sites - 1) * CLIPPING_RANGE) / num_sites
+    (decoded,) = codec.decode([mean], num_sites=num_sites)
+    np.testing.assert_allclose(decoded, extreme * num_sites, rtol=1e-12)
+
+
+def test_more_sites_than_supported_are_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="too many"):
+        quantization_range_for(2**16 + 1)
