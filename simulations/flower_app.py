@@ -25,14 +25,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from client.app import SiteClient, require_secagg_mod
 from client.audit import make_audit_mod
 from common.config import register_configs
-from server.app import FederationPlan, run_federated_kmeans
-from server.coordinator import KMeansSettings, RoundRecord
+from server.app import run_federated_kmeans
+from server.coordinator import RoundRecord
 from simulations.datasets import PartitionedSites
+from simulations.run import plan_from_config
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -109,14 +110,8 @@ def _server_main(grid: Grid, context: Context) -> None:
     num_sites = cfg.federation.num_sites
     if num_sites is None:
         num_sites = len(list(grid.get_node_ids()))
-    settings: KMeansSettings = instantiate(
-        cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
-        seed=int(cfg.seed))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    plan = FederationPlan(settings=settings, features=data.feature_specs(),
-                          num_sites=int(num_sites), secagg=instantiate(cfg.privacy),
-                          config={str(k): v for k, v in resolved.items()})
+    plan = plan_from_config(cfg, features=data.feature_specs(), num_sites=int(num_sites))
+    settings = plan.settings
     result = run_federated_kmeans(grid, context, plan, on_round=_print_round)
     assert result.model is not None
     out = Path(str(context.run_config.get(OUTPUT_KEY, "outputs/flwr-run")))

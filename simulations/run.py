@@ -31,7 +31,7 @@ from sklearn.metrics import adjusted_rand_score
 from client.app import make_client_app
 from common.config import register_configs
 from common.errors import ConfigError, FedsegError
-from common.features import apply_transforms
+from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
 from server.app import FederationPlan, RunResult, make_server_app
 from server.coordinator import KMeansSettings, RoundRecord
@@ -78,6 +78,21 @@ def _build(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0]) from exc
+
+
+def plan_from_config(
+    cfg: DictConfig, *, features: tuple[FeatureSpec, ...], num_sites: int
+) -> FederationPlan:
+    """Build the server's public plan from a composed config (shared with ``flwr run``)."""
+    settings: KMeansSettings = _build(
+        cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
+        seed=int(cfg.seed),
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return FederationPlan(settings=settings, features=features, num_sites=num_sites,
+                          secagg=_build(cfg.privacy),
+                          config={str(k): v for k, v in resolved.items()})
 
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
@@ -137,15 +152,8 @@ def run(
     partition_name = type(_build(cfg.partition)).__name__
     _say(f"{num_sites} sites, {min(sizes)}..{max(sizes)} customers each ({partition_name})")
 
-    settings: KMeansSettings = _build(
-        cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
-        seed=seed,
-    )
-    secagg = _build(cfg.privacy)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    plan = FederationPlan(settings=settings, features=population.features, num_sites=num_sites,
-                          secagg=secagg, config={str(k): v for k, v in resolved.items()})
+    plan = plan_from_config(cfg, features=population.features, num_sites=num_sites)
+    settings, secagg = plan.settings, plan.secagg
     if secagg is not None:
         q_bits = plan.quantization_range.bit_length() - 1
         _say(f"k={settings.k}, secure aggregation: SecAgg+ (quantization_range=2**{q_bits})")

@@ -72,10 +72,9 @@ def test_secagg_path_reproduces_plain_path_round_by_round(secagg_and_plain_runs)
     assert secagg["cost_ratio"] < 1.05 and secagg["rounds"] == plain["rounds"]
 
 
-def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_runs):
-    capture: Path = secagg_and_plain_runs["capture"]
-    cfg = secagg_and_plain_runs["cfg"]
-    summary, _ = secagg_and_plain_runs["secagg"]
+def assert_sites_sent_only_public_aggregates(capture: Path, cfg, summary: dict, *,
+                                             dropped_replies: int = 0) -> None:
+    """Check every captured outgoing message of a SecAgg+ run (see module docstring)."""
     num_sites, k, d = summary["num_sites"], summary["k"], 7
     codec = SecAggPlusSumCodec(quantization_range_for(num_sites))
     table = generate_customers(num_customers=cfg.data.num_customers,
@@ -84,7 +83,8 @@ def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_
                    [*table.customer_id[:500], *table.email[:500], *table.name[:500]]]
     site_sizes = set(summary["site_sizes"])
     sidecars = sorted(capture.glob("*.json"))
-    assert len(sidecars) >= num_sites * 4 * summary["rounds"]  # 4 SecAgg+ stages per round
+    # 4 SecAgg+ stages per round and site, less the replies a dropped site never sent.
+    assert len(sidecars) >= num_sites * 4 * summary["rounds"] - 2 * dropped_replies
     masked_replies = 0
     n_candidates = 10 * k
     for sidecar in sidecars:
@@ -113,7 +113,13 @@ def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_
         shapes = [bytes_to_ndarray(b).shape for b in secagg_cfg[Key.MASKED_PARAMETERS]]
         assert shapes == expected, (phase, shapes)
         assert not any(dim in site_sizes for shape in shapes for dim in shape)
-    assert masked_replies == num_sites * summary["rounds"]
+    assert masked_replies == num_sites * summary["rounds"] - dropped_replies
+
+
+def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_runs):
+    summary, _ = secagg_and_plain_runs["secagg"]
+    assert_sites_sent_only_public_aggregates(secagg_and_plain_runs["capture"],
+                                             secagg_and_plain_runs["cfg"], summary)
 
 
 def test_outputs_are_complete(secagg_and_plain_runs):
@@ -153,8 +159,13 @@ def test_secagg_round_with_a_dropped_site_decodes_the_survivors_sum(make_cfg, tm
     cfg = make_cfg("data.num_customers=3000", "data.num_regions=4", "model.k=3",
                    "strategy.n_init=1", "strategy.init_rounds=1", "seed=3")
     dropped = 1
-    summary = run(cfg, output_dir=tmp_path, client_mods=(
+    capture = tmp_path / "capture"
+    summary = run(cfg, output_dir=tmp_path / "out", client_mods=(
+        make_capture_mod(capture),
         make_dropout_mod(site=dropped, server_round=1, stage="collect_masked_vectors"),))
+    # A second full run whose every outgoing message is checked, dropout included.
+    assert_sites_sent_only_public_aggregates(capture, cfg, summary, dropped_replies=1)
+    tmp_path = tmp_path / "out"
     metrics = _metrics(tmp_path)
     assert metrics[0]["phase"] == "moments" and metrics[0]["num_sites"] == 3
     assert all(m["num_sites"] == 4 for m in metrics[1:])
