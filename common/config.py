@@ -76,6 +76,7 @@ class StrategyConfig:
     init_candidates: int = 0
     init_rounds: int = 5
     n_init: int = 6
+    accept_partial_rounds: bool = False
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from common.errors import ProtocolError
 from common.kmeans import KMeansStats, weighted_kmeans
 
 
@@ -70,9 +71,9 @@ def centres_from_summary(
         # Too few well-populated candidates: fall back to every non-empty one.
         keep = stats.counts > 0
     if int(keep.sum()) < n_clusters:
-        raise ValueError(
-            f"only {int(keep.sum())} non-empty candidate centres for n_clusters={n_clusters}; "
-            "raise model.init_candidates or lower model.k."
+        raise ProtocolError(
+            f"the data hold only {int(keep.sum())} well-separated groups of customers for "
+            f"model.k={n_clusters}: lower model.k (or raise strategy.init_candidates)."
         )
     points = stats.sums[keep] / stats.counts[keep, None]
     centroids, _ = weighted_kmeans(

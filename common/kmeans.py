@@ -16,6 +16,8 @@ from numpy.typing import NDArray
 from common.errors import ProtocolError
 
 _EPS = 1e-12
+TIE_RTOL = 1e-9
+"""Costs within this relative distance are the same optimum reached twice (rounding only)."""
 _HALF_GAUSSIAN_SHIFT = float(np.sqrt(2.0 / np.pi))
 
 
@@ -177,13 +179,15 @@ def update_centroids(
     -------
     new_centroids : ndarray of shape (n_clusters, n_features)
     reseeded : ndarray of shape (n_clusters,) of bool
-        Which clusters were empty and re-seeded.
+        Which clusters were empty and re-seeded. An empty cluster that could not be re-seeded
+        (no cluster with spread left to split) keeps its centre and is not marked.
     """
     counts = stats.counts
     empty = counts < min_count
     new = centroids.copy()
     filled = ~empty
     new[filled] = stats.sums[filled] / counts[filled, None]
+    reseeded = np.zeros_like(empty)
     if empty.any() and filled.any():
         costs = np.where(filled, stats.costs, 0.0)
         var = np.zeros_like(new)
@@ -204,7 +208,8 @@ def update_centroids(
             costs[donor] /= 2.0
             var[donor, axis] *= 1.0 - 2.0 / np.pi
             costs[idx], var[idx] = costs[donor], var[donor]
-    return new, empty
+            reseeded[idx] = True
+    return new, reseeded
 
 
 def centroid_shift(old: NDArray[np.float64], new: NDArray[np.float64]) -> float:
@@ -328,7 +333,7 @@ def weighted_kmeans(
         cost = compute_stats(points, centroids, sample_weight=w).cost
         # Restarts that reach the same optimum (often with permuted labels) differ only by
         # rounding: keep the first, so results do not hinge on the last bits of the input.
-        if cost < best_cost * (1.0 - 1e-9):
+        if cost < best_cost * (1.0 - TIE_RTOL):
             best_centroids, best_cost = centroids, cost
     assert best_centroids is not None  # n_init >= 1 always sets it
     return best_centroids, float(best_cost)

@@ -56,9 +56,9 @@ def instruction_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list
 PHASE_KEY = "fedseg.phase"
 """Config key of a fit instruction naming its phase."""
 ROUND_KEY = "fedseg.round"
+"""Config key of a fit instruction carrying the server round."""
 GROUPS_KEY = "fedseg.groups"
 """Config key: the centres form this many independent sets (parallel Lloyd runs)."""
-"""Config key of a fit instruction carrying the server round."""
 
 
 def parse_phase(value: object) -> Phase:

@@ -17,8 +17,8 @@ the data. fedseg instead sends **integers that the quantiser carries exactly**:
   cannot wrap the word.
 
 The decoded sum equals the plain float sum up to ``2**-FRACTION_BITS`` per site and entry.
-``Q`` is chosen from the number of sites so that ``n * Q < 2**32``: the masked sum can never wrap
-Flower's ``modulus_range`` (Flower does not check this; an overflow is silent).
+``Q`` is chosen from the number of sites so that ``(n + 1) * Q <= 2**32``: the masked sum can
+never wrap Flower's ``modulus_range`` (Flower does not check this; an overflow is silent).
 
 Side note for reviewers: the server learns the per-limb sums, not only their combination. The
 difference is the number of carries out of each limb (at most ``log2(n)`` bits per entry about
@@ -76,7 +76,7 @@ def quantization_range_for(num_sites: int) -> int:
     if not isinstance(num_sites, int) or num_sites < 2:
         raise ConfigError(f"num_sites={num_sites!r} should be an integer >= 2 for SecAgg+.")
     bound = MODULUS_RANGE // (num_sites + 1)
-    if num_sites > 2**SITE_BITS or bound < 2**8:
+    if num_sites > 2**SITE_BITS:
         raise ConfigError(
             f"num_sites={num_sites} is too many for one SecAgg+ round (expected at most "
             f"{2**SITE_BITS} sites)."
@@ -168,7 +168,7 @@ class SecAggPlusSumCodec:
             flat = values.ravel()
             limbs = np.empty((self.limbs, flat.size), dtype=np.float64)
             for j, value in enumerate(flat.tolist()):
-                # Exact: float -> dyadic rational -> integer, two's complement modulo 2**96.
+                # Exact: float -> dyadic rational -> integer, two's complement modulo 2**TOTAL_BITS.
                 word = round(value * (1 << FRACTION_BITS)) % modulus
                 for limb in range(self.limbs):
                     m = (word >> (limb * self.limb_bits)) & mask

@@ -113,7 +113,9 @@ class ProfileStats:
         -------
         merged : ProfileStats
         log : list of dict
-            One entry per merge: ``{"segment": i, "size": n, "into": j}`` in original indices.
+            One entry per merge: ``{"segment": i, "into": j}`` in original indices (``into``
+            None for a dropped empty segment). The size of a merged segment is not recorded:
+            it is below the publication floor.
         """
         groups: list[list[int]] = [[i] for i in range(len(self.counts))]
         counts = list(self.counts)
@@ -128,14 +130,14 @@ class ProfileStats:
                 break
             i = min(small, key=lambda s: counts[s])
             if counts[i] == 0:
-                log.append({"segment": groups[i][0], "size": 0, "into": None})
+                log.append({"segment": groups[i][0], "into": None})
             else:
                 centre_i = sums[i] / counts[i]
                 others = [j for j in range(len(counts)) if j != i and counts[j] > 0]
                 j = min(
                     others, key=lambda o: float(np.sum((sums[o] / counts[o] - centre_i) ** 2))
                 )
-                log.append({"segment": groups[i][0], "size": int(counts[i]), "into": groups[j][0]})
+                log.append({"segment": groups[i][0], "into": groups[j][0]})
                 # Exact merge: cost about the merged mean by the parallel-axis theorem.
                 n = counts[i] + counts[j]
                 mean = (sums[i] + sums[j]) / n
@@ -251,8 +253,13 @@ class SegmentModel:
         privacy, training, config : dict
             Recorded verbatim in the model.
         """
+        total = float(stats.counts.sum())
+        if total < min_segment_size:
+            raise ProtocolError(
+                f"only {total:g} customers across all sites, fewer than "
+                f"model.min_segment_size={min_segment_size}: no segment can be published."
+            )
         merged, log = stats.merge_small(min_segment_size)
-        total = float(merged.counts.sum())
         centroids = merged.sums / merged.counts[:, None]
         means = merged.raw_sums / merged.counts[:, None]
         stds = np.sqrt(np.maximum(merged.raw_sumsq / merged.counts[:, None] - means**2, 0.0))
@@ -304,6 +311,17 @@ class SegmentModel:
                 f"records of shape {raw.shape} should have {len(self.features)} columns "
                 f"({', '.join(f.name for f in self.features)})."
             )
+        for j, spec in enumerate(self.features):
+            column = raw[:, j]
+            bad = ~np.isfinite(column)
+            if spec.transform == "log1p":
+                bad |= column <= -1
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                expected = "a finite number > -1" if spec.transform == "log1p" else \
+                    "a finite number"
+                raise DataError(f"value {column[row]!r} is not {expected}.", row=row + 1,
+                                column=spec.name)
         scaled = self.scaler.transform(apply_transforms(raw, self.features))
         labels, _ = assign(scaled, self.centroids_scaled)
         return labels
@@ -356,7 +374,7 @@ class SegmentModel:
                                   std=np.asarray(scaling["std"], dtype=np.float64),
                                   count=float(scaling["count"]))
             segments = tuple(Segment(**s) for s in doc["segments"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed segment model: {exc!r}.", path=source) from exc
         if scaler.mean.shape != (d,) or scaler.std.shape != (d,):
             raise DataError(f"key 'scaling' should hold {d} means and stds.", path=source)

@@ -113,31 +113,47 @@ class SecAggSettings:
     timeout: float | None = None
 
     def resolve(self, num_sites: int) -> tuple[int, int]:
-        """Return the integer ``(num_shares, threshold)`` used for ``num_sites`` sites."""
-        auto_shares, _ = secagg_shares(num_sites)
-        if self.num_shares is None:
-            shares = auto_shares
-        elif self.num_shares <= 1:
-            shares = max(2, round(self.num_shares * num_sites))
+        """Return the ``(num_shares, threshold)`` Flower will use for ``num_sites`` sites.
+
+        Flower builds each neighbourhood as a ring of ``2 * (s // 2) + 1`` sites, so an even
+        ``s`` below ``num_sites`` is rounded up to the next odd number here (Flower does the
+        same, with a warning); the values returned are exactly the ones in force.
+        """
+        if num_sites == 2:
+            shares = 2  # two sites: each is the other's only neighbour
+        elif self.num_shares is None:
+            shares = secagg_shares(num_sites)[0]
         else:
-            shares = int(self.num_shares)
-        if not 2 <= shares <= num_sites:
-            raise ConfigError(
-                f"privacy.num_shares={self.num_shares} gives {shares} shares for {num_sites} "
-                f"sites; expected between 2 and {num_sites}."
-            )
+            shares = _count_or_fraction(self.num_shares, num_sites, "privacy.num_shares")
+            if shares < num_sites and shares % 2 == 0:
+                shares += 1
+            if not 3 <= shares <= num_sites:
+                raise ConfigError(
+                    f"privacy.num_shares={self.num_shares} gives {shares} shares for {num_sites} "
+                    f"sites; expected between 3 and {num_sites}."
+                )
         if self.reconstruction_threshold is None:
             threshold = max(2, shares // 2 + 1)
-        elif self.reconstruction_threshold <= 1:
-            threshold = max(2, round(self.reconstruction_threshold * shares))
         else:
-            threshold = int(self.reconstruction_threshold)
+            threshold = _count_or_fraction(self.reconstruction_threshold, shares,
+                                           "privacy.reconstruction_threshold")
         if not 2 <= threshold <= shares:
             raise ConfigError(
                 f"privacy.reconstruction_threshold={self.reconstruction_threshold} gives "
                 f"{threshold} for {shares} shares; expected between 2 and {shares}."
             )
         return shares, threshold
+
+
+def _count_or_fraction(value: float, total: int, key: str) -> int:
+    """Read a setting that is a fraction of ``total`` (<= 1) or a whole count (> 1)."""
+    if value <= 0:
+        raise ConfigError(f"{key}={value} should be > 0 (a fraction <= 1 or a count).")
+    if value <= 1:
+        return max(2, round(value * total))
+    if value != int(value):
+        raise ConfigError(f"{key}={value} should be a whole number when above 1.")
+    return int(value)
 
 
 def no_secure_aggregation() -> None:
@@ -182,11 +198,12 @@ class FederationPlan:
         """Describe the privacy guarantees, as recorded in the segment model."""
         if self.secagg is None:
             return {"secure_aggregation": "none", "differential_privacy": None}
+        shares, threshold = self.secagg.resolve(self.num_sites)
         return {
             "secure_aggregation": "secagg+",
             "secagg": {
-                "num_shares": self.secagg.resolve(self.num_sites)[0],
-                "reconstruction_threshold": self.secagg.resolve(self.num_sites)[1],
+                "num_shares": shares,
+                "reconstruction_threshold": threshold,
                 "clipping_range": CLIPPING_RANGE,
                 "quantization_range": self.quantization_range,
                 "modulus_range": MODULUS_RANGE,
@@ -231,11 +248,12 @@ def run_federated_kmeans(
     )
     if plan.secagg is not None:
         shares, threshold = plan.secagg.resolve(plan.num_sites)
-        # Flower refuses integer shares <= 2 and integer thresholds equal to the shares: pass
-        # those cases as the fraction 1.0 ("all"), which Flower resolves to the same integers.
+        # Flower refuses integer shares <= 2 (only two sites: both share with each other) and
+        # integer thresholds equal to the shares; the fraction 1.0 ("all") gives Flower the
+        # same integers in those two cases.
         fit_workflow: Callable[[Grid, Context], None] = SecAggPlusWorkflow(
             num_shares=shares if shares > 2 else 1.0,
-            reconstruction_threshold=threshold if 2 < shares != threshold else 1.0,
+            reconstruction_threshold=threshold if threshold < shares else 1.0,
             max_weight=MAX_WEIGHT,
             clipping_range=CLIPPING_RANGE,
             quantization_range=plan.quantization_range,

@@ -18,13 +18,19 @@ from numpy.typing import NDArray
 from common.errors import ConfigError, ProtocolError
 from common.features import FeatureSpec
 from common.init import centres_from_summary, random_centres
-from common.kmeans import KMeansStats, centroid_shift, has_converged, update_centroids
+from common.kmeans import (
+    TIE_RTOL,
+    KMeansStats,
+    centroid_shift,
+    has_converged,
+    update_centroids,
+)
 from common.protocol import Phase, instruction_shapes, reply_shapes
 from common.scaling import GlobalScaler
 from common.segment_model import ProfileStats, SegmentModel
 
 INIT_METHODS = ("summary", "random")
-_TIE_RTOL = 1e-9
+_MOVING, _CONVERGED, _STOPPED = "moving", "converged", "stopped"  # states of a Lloyd restart
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class KMeansSettings:
         k-means++ draw on the summary); the run with the lowest cost is published.
     min_segment_size : int
         Segments smaller than this are merged before publication.
+    accept_partial_rounds : bool
+        Whether a round in which some sites dropped out may still be used. Off by default: a
+        partial sum biases the model and, compared with the full sums of other rounds, gives
+        away the missing site's statistics.
     seed : int
         Seed of the server's random choices (candidates, k-means++ on the summary).
     """
@@ -63,6 +73,7 @@ class KMeansSettings:
     init_rounds: int = 5
     n_init: int = 6
     min_segment_size: int = 10
+    accept_partial_rounds: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,7 +142,7 @@ class KMeansCoordinator:
     lloyd_rounds: int = 0
     best_run: int = 0
     _init_round: int = 0
-    _run_done: list[bool] = field(default_factory=list)
+    _run_state: list[str] = field(default_factory=list)
     _run_cost: list[float] = field(default_factory=list)
     _previous_cost: list[float | None] = field(default_factory=list)
     _round_started: float = field(default_factory=time.perf_counter)
@@ -236,15 +247,15 @@ class KMeansCoordinator:
         """Begin ``n_init`` parallel Lloyd runs from the given centre sets."""
         self.centres = np.vstack(starts)
         runs = len(starts)
-        self._run_done = [False] * runs
+        self._run_state = [_MOVING] * runs
         self._run_cost = [float("inf")] * runs
         self._previous_cost = [None] * runs
         self.phase = Phase.LLOYD
 
     def _lloyd_step(self, sums: list[NDArray[np.float64]], record: RoundRecord) -> None:
-        """One Lloyd update of every run still moving; pick the best run when all are done."""
+        """One Lloyd update of every run still moving; pick the best run when none moves."""
         assert self.centres is not None
-        k, d, runs = self.settings.k, self.n_features, len(self._run_done)
+        k, d, runs = self.settings.k, self.n_features, len(self._run_state)
         stats = KMeansStats.from_arrays(sums, n_clusters=runs * k, n_features=d)
         new_all = self.centres.copy()
         shifts = []
@@ -252,31 +263,33 @@ class KMeansCoordinator:
             block = slice(run * k, (run + 1) * k)
             run_stats = stats.block(run * k, (run + 1) * k)
             self._run_cost[run] = run_stats.cost
-            if self._run_done[run]:
+            if self._run_state[run] != _MOVING:
                 continue  # frozen: its centres stay, its cost is re-measured each round
             new, reseeded = update_centroids(run_stats, self.centres[block])
             shift = centroid_shift(self.centres[block], new)
             shifts.append(shift)
             record.reseeded += int(reseeded.sum())
             previous = self._previous_cost[run]
-            self._run_done[run] = not reseeded.any() and has_converged(
-                shift=shift, previous_cost=previous, cost=run_stats.cost, tol=self.settings.tol,
-            )
+            if not reseeded.any() and has_converged(
+                shift=shift, previous_cost=previous, cost=run_stats.cost, tol=self.settings.tol
+            ):
+                self._run_state[run] = _CONVERGED
+            elif previous is not None and self._cannot_catch_up(run, previous - run_stats.cost):
+                self._run_state[run] = _STOPPED
             self._previous_cost[run] = run_stats.cost
             new_all[block] = new
-            if not self._run_done[run] and previous is not None:
-                self._run_done[run] = self._cannot_catch_up(run, previous - run_stats.cost)
         record.cost = min(self._run_cost)
         record.shift = max(shifts) if shifts else 0.0
         self.centres = new_all
         self.lloyd_rounds += 1
-        self.converged = self._run_done[int(np.argmin(self._run_cost))] and all(self._run_done)
-        if self.converged or self.lloyd_rounds >= self.settings.max_rounds:
+        moving = _MOVING in self._run_state
+        if not moving or self.lloyd_rounds >= self.settings.max_rounds:
             # Runs that reached the same optimum differ only by rounding: take the first of
             # them, so that the SecAgg+ and the plain path publish the same segment order.
             best = min(self._run_cost)
             self.best_run = next(r for r, c in enumerate(self._run_cost)
-                                 if c <= best + _TIE_RTOL * abs(best))
+                                 if c <= best + TIE_RTOL * abs(best))
+            self.converged = self._run_state[self.best_run] == _CONVERGED
             self.centres = new_all[self.best_run * k:(self.best_run + 1) * k]
             self.phase = Phase.PROFILE
 
@@ -284,10 +297,12 @@ class KMeansCoordinator:
         """Whether a still-moving run is beaten for good by a converged one.
 
         Lloyd's cost gains usually shrink from round to round; a run whose cost exceeds the
-        best converged run's by more than its last gain times the rounds left is stopped, so
-        one slowly drifting restart does not hold the whole federation for ``max_rounds``.
+        best converged run's by more than its last gain times the rounds left is stopped (not
+        counted as converged), so one slowly drifting restart does not hold the whole
+        federation for ``max_rounds``.
         """
-        converged = [c for c, done in zip(self._run_cost, self._run_done, strict=True) if done]
+        converged = [c for c, state in zip(self._run_cost, self._run_state, strict=True)
+                     if state == _CONVERGED]
         if not converged:
             return False
         rounds_left = self.settings.max_rounds - self.lloyd_rounds - 1
@@ -309,6 +324,7 @@ class KMeansCoordinator:
             "n_init": self.settings.n_init,
             "best_run": self.best_run,
             "run_costs": list(self._run_cost),
+            "run_states": list(self._run_state),
             "lloyd_rounds": len(lloyd),
             "total_rounds": len(self.history),
             "converged": self.converged,

@@ -96,6 +96,14 @@ class FederatedKMeans(Strategy):
             log(INFO, "round %s: %s site(s) failed or dropped", server_round, len(failures))
         if not results:
             raise ProtocolError(f"round {server_round}: no site replied; cannot continue.")
+        if len(results) < self.num_sites and not self.coordinator.settings.accept_partial_rounds:
+            raise ProtocolError(
+                f"round {server_round} ({self.coordinator.phase.value}): only {len(results)} of "
+                f"{self.num_sites} sites took part. fedseg uses a round only when every site is "
+                "in it: a partial sum would bias the segments and, set against the other "
+                "rounds, reveal the missing site's statistics. Rerun when all sites are up, or "
+                "set strategy.accept_partial_rounds=true (see docs/SECURITY.md)."
+            )
         for _, res in results:
             # Side channels: these travel beside the masked vector in clear.
             if res.num_examples != 1 or res.metrics:

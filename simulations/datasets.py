@@ -150,12 +150,6 @@ class ByGroupPartition:
 
     def split(self, population: Population, *, num_sites: int, seed: int) -> list[NDArray[np.intp]]:
         """Return one index array per site."""
-        groups = np.unique(population.groups)
-        if num_sites < len(groups):
-            raise ConfigError(
-                f"partition=by_region needs federation.num_sites >= the {len(groups)} groups "
-                f"({', '.join(map(str, groups))}); got federation.num_sites={num_sites}."
-            )
         return partition_by_group(population.groups, num_sites=num_sites, seed=seed)
 
 
@@ -169,11 +163,8 @@ class DirichletPartition:
     def split(self, population: Population, *, num_sites: int, seed: int) -> list[NDArray[np.intp]]:
         """Return one index array per site."""
         labels = population.labels if population.labels is not None else population.groups
-        try:
-            return partition_dirichlet(labels, num_sites=num_sites, alpha=self.alpha, seed=seed,
-                                       min_size=self.min_size)
-        except ValueError as exc:
-            raise ConfigError(f"partition=dirichlet: {exc}") from exc
+        return partition_dirichlet(labels, num_sites=num_sites, alpha=self.alpha, seed=seed,
+                                   min_size=self.min_size)
 
 
 @dataclass(frozen=True)

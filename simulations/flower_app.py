@@ -30,10 +30,11 @@ from omegaconf import DictConfig
 from client.app import SiteClient, require_secagg_mod
 from client.audit import make_audit_mod
 from common.config import register_configs
+from common.errors import ConfigError
 from server.app import run_federated_kmeans
 from server.coordinator import RoundRecord
 from simulations.datasets import PartitionedSites
-from simulations.run import plan_from_config
+from simulations.run import build_sites, plan_from_config
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -55,11 +56,7 @@ def _overrides(context: Context) -> str:
 @functools.lru_cache(maxsize=2)
 def _sites(overrides: str, num_nodes: int) -> PartitionedSites:
     """Build every node's partition once per worker process (bounded cache, immutable keys)."""
-    cfg = compose_config(overrides)
-    population = instantiate(cfg.data).load(seed=int(cfg.seed))
-    num_sites = cfg.federation.num_sites or num_nodes
-    parts = instantiate(cfg.partition).split(population, num_sites=int(num_sites),
-                                             seed=int(cfg.seed))
+    population, parts = build_sites(compose_config(overrides), default_num_sites=num_nodes)
     return PartitionedSites(parts=tuple(population.raw[p] for p in parts),
                             features=population.features)
 
@@ -107,9 +104,13 @@ def _server_main(grid: Grid, context: Context) -> None:
     overrides = _overrides(context)
     cfg = compose_config(overrides)
     data = instantiate(cfg.data)
-    num_sites = cfg.federation.num_sites
-    if num_sites is None:
-        num_sites = len(list(grid.get_node_ids()))
+    nodes = len(list(grid.get_node_ids()))
+    num_sites = nodes if cfg.federation.num_sites is None else int(cfg.federation.num_sites)
+    if num_sites > nodes:
+        raise ConfigError(
+            f"federation.num_sites={num_sites} but the federation has {nodes} SuperNodes; "
+            "every site must take part in every round."
+        )
     plan = plan_from_config(cfg, features=data.feature_specs(), num_sites=int(num_sites))
     settings = plan.settings
     result = run_federated_kmeans(grid, context, plan, on_round=_print_round)

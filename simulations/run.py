@@ -24,6 +24,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
@@ -78,6 +79,53 @@ def _build(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0]) from exc
+
+
+def build_sites(
+    cfg: DictConfig, *, default_num_sites: int | None = None
+) -> tuple[Population, list[NDArray[np.intp]]]:
+    """Load the population and split it into sites, validating the combination up front.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    default_num_sites : int, optional
+        Sites when ``federation.num_sites`` is null (default: one per region / site value).
+
+    Returns
+    -------
+    population : Population
+    parts : list of ndarray
+        Row indices of each site.
+    """
+    seed = int(cfg.seed)
+    if seed < 0:
+        raise ConfigError(f"seed={seed} should be >= 0.")
+    population: Population = _build(cfg.data).load(seed=seed)
+    if cfg.federation.num_sites is not None:
+        num_sites = int(cfg.federation.num_sites)
+    elif default_num_sites is not None:
+        num_sites = default_num_sites
+    else:
+        num_sites = len(np.unique(population.groups))
+    if num_sites < 2:
+        raise ConfigError(
+            f"federation.num_sites={num_sites} should be >= 2 (a federation needs two sites; "
+            "with data=csv, data.site_column needs at least two distinct values)."
+        )
+    k = int(cfg.model.k)
+    if k > population.raw.shape[0]:
+        raise ConfigError(
+            f"model.k={k} is more than the {population.raw.shape[0]} customers in the data."
+        )
+    partition = _build(cfg.partition)
+    try:
+        parts: list[NDArray[np.intp]] = partition.split(population, num_sites=num_sites,
+                                                        seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"partition ({type(partition).__name__}): {exc}") from exc
+    return population, parts
 
 
 def plan_from_config(
@@ -140,13 +188,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     _quiet_flower(bool(cfg.verbose))
     seed = int(cfg.seed)
-
-    population: Population = _build(cfg.data).load(seed=seed)
-    groups = len(np.unique(population.groups))
-    num_sites = groups if cfg.federation.num_sites is None else int(cfg.federation.num_sites)
-    parts = _build(cfg.partition).split(population, num_sites=num_sites, seed=seed)
-    if len(parts) != num_sites:
-        raise ConfigError(f"the partition produced {len(parts)} sites; expected {num_sites}.")
+    population, parts = build_sites(cfg)
+    num_sites = len(parts)
     sizes = [len(p) for p in parts]
     _say(population.description)
     partition_name = type(_build(cfg.partition)).__name__

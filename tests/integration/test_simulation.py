@@ -157,7 +157,8 @@ def test_secagg_round_with_a_dropped_site_decodes_the_survivors_sum(make_cfg, tm
     from simulations.faults import make_dropout_mod
 
     cfg = make_cfg("data.num_customers=3000", "data.num_regions=4", "model.k=3",
-                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=3")
+                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=3",
+                   "strategy.accept_partial_rounds=true")
     dropped = 1
     capture = tmp_path / "capture"
     summary = run(cfg, output_dir=tmp_path / "out", client_mods=(
@@ -182,3 +183,15 @@ def test_secagg_round_with_a_dropped_site_decodes_the_survivors_sum(make_cfg, tm
     survivors = np.vstack([population.raw[p] for i, p in enumerate(parts) if i != dropped])
     expected_mean = apply_transforms(survivors, population.features).mean(axis=0)
     np.testing.assert_allclose(model["scaling"]["mean"], expected_mean, rtol=1e-9)
+
+
+def test_a_dropout_stops_the_run_by_default_with_a_clear_error(make_cfg, tmp_path):
+    from common.errors import ProtocolError
+    from simulations.faults import make_dropout_mod
+
+    cfg = make_cfg("data.num_customers=2000", "data.num_regions=3", "model.k=3",
+                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=5")
+    with pytest.raises(ProtocolError, match="only 2 of 3 sites took part"):
+        run(cfg, output_dir=tmp_path, client_mods=(
+            make_dropout_mod(site=0, server_round=2, stage="collect_masked_vectors"),))
+    assert not (tmp_path / "segments.json").exists()

@@ -54,3 +54,45 @@ def test_fewer_than_threshold_colluding_shares_do_not_reveal_a_mask_key(num_site
     except ValueError:
         rebuilt = None
     assert rebuilt != secret
+
+
+def _flower_resolution(num_shares, threshold, num_samples):
+    """Flower 1.42's own resolution in SecAggPlusWorkflow.setup_stage (constructor + set-up)."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    workflow = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold)
+    shares, t = workflow.num_shares, workflow.reconstruction_threshold
+    if isinstance(shares, float):
+        shares = round(shares * num_samples)
+        if shares < num_samples and shares & 1 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = num_samples
+    if isinstance(t, float):
+        t = max(round(t * shares), 2)
+    if num_samples != shares and shares & 1 == 0:
+        shares += 1
+    # Neighbourhood actually built: the ring of 2 * (shares // 2) + 1 sites (capped at n).
+    return min(num_samples, 2 * (shares >> 1) + 1), t
+
+
+@pytest.mark.parametrize(("num_sites", "settings"), [
+    (2, {}), (3, {}), (5, {}), (40, {}), (10, {"num_shares": 4}), (10, {"num_shares": 0.5}),
+    (5, {"num_shares": 1.0, "reconstruction_threshold": 1.0}), (20, {"num_shares": 7}),
+])
+def test_recorded_parameters_are_the_ones_flower_uses(num_sites, settings):
+    shares, threshold = SecAggSettings(**settings).resolve(num_sites)
+    passed_shares = shares if shares > 2 else 1.0
+    passed_threshold = threshold if threshold < shares else 1.0
+    assert _flower_resolution(passed_shares, passed_threshold, num_sites) == (shares, threshold)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 3.5, 7])
+def test_impossible_or_ambiguous_neighbourhoods_are_refused(bad):
+    with pytest.raises(ConfigError, match=r"privacy\.num_shares"):
+        SecAggSettings(num_shares=bad).resolve(5)
+
+
+def test_even_neighbourhoods_are_rounded_up_like_flowers_ring():
+    assert SecAggSettings(num_shares=2).resolve(5) == (3, 2)
+    assert SecAggSettings(num_shares=4).resolve(10) == (5, 3)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, ProtocolError
 from common.features import FeatureSpec, apply_transforms, invert_transforms
 from common.scaling import GlobalScaler, compute_moments
 from common.segment_model import SCHEMA_NAME, SCHEMA_VERSION, ProfileStats, SegmentModel
@@ -83,7 +83,7 @@ def test_merge_small_merges_into_nearest_neighbour_exactly():
 
     merged, log = stats.merge_small(3)
 
-    assert log == [{"segment": 2, "size": 2, "into": 1}]
+    assert log == [{"segment": 2, "into": 1}]
     union = np.concatenate([GROUPS[1], GROUPS[2]])
     np.testing.assert_array_equal(merged.counts, [5.0, 6.0])
     np.testing.assert_allclose(merged.sums, [SCALED[GROUPS[0]].sum(0), SCALED[union].sum(0)])
@@ -115,7 +115,7 @@ def test_merge_small_merges_the_smallest_segment_first():
     merged, log = stats.merge_small(3)
 
     # D (size 1) goes first, into C (its nearest); C+D then has 3 members and stays.
-    assert log == [{"segment": 3, "size": 1, "into": 2}]
+    assert log == [{"segment": 3, "into": 2}]
     np.testing.assert_array_equal(merged.counts, [5.0, 4.0, 3.0])
     cd = np.array([9, 10, 11])
     np.testing.assert_allclose(merged.sums[2], scaled[cd].sum(0))
@@ -134,7 +134,7 @@ def test_merge_small_drops_empty_segments():
 
     merged, log = with_empty.merge_small(1)
 
-    assert log == [{"segment": 1, "size": 0, "into": None}]
+    assert log == [{"segment": 1, "into": None}]
     for before, after in zip(stats.to_arrays(), merged.to_arrays(), strict=True):
         np.testing.assert_array_equal(before, after)
 
@@ -248,7 +248,7 @@ def test_build_merges_small_segments_before_publication():
 
     model = _build(raw, groups, min_size=5)
 
-    assert model.merged == [{"segment": 3, "size": 3, "into": 1}]
+    assert model.merged == [{"segment": 3, "into": 1}]
     assert [s.size for s in model.segments] == [20, 23, 20]
     thrifty = np.concatenate([groups[1], groups[3]])
     assert model.segments[1].mean["spend"] == pytest.approx(raw[thrifty, 1].mean())
@@ -454,3 +454,34 @@ def test_feature_spec_labels_default_to_the_column_name():
     assert spec.low == "low tenure"
     assert FEATURES[0].high == "frequent"
     assert FEATURES[0].low == "rare"
+
+
+def test_merge_log_does_not_publish_sizes_below_the_floor():
+    points = np.array([[0.0], [0.1], [0.2], [5.0], [5.1]])
+    stats = ProfileStats.compute(points, points, np.array([[0.1], [5.05]]))
+    model = SegmentModel.build(stats=stats, features=(FeatureSpec(name="x"),),
+                               scaler=GlobalScaler(mean=np.zeros(1), std=np.ones(1), count=5.0),
+                               min_segment_size=3, privacy={}, training={}, config={})
+    assert [s.size for s in model.segments] == [5]
+    assert all("size" not in entry for entry in model.merged)
+
+
+def test_a_federation_smaller_than_the_floor_publishes_nothing():
+    stats = ProfileStats.compute(np.ones((4, 1)), np.zeros((4, 1)), np.zeros((1, 1)))
+    with pytest.raises(ProtocolError, match="min_segment_size=10"):
+        SegmentModel.build(stats=stats, features=(FeatureSpec(name="x"),),
+                           scaler=GlobalScaler(mean=np.zeros(1), std=np.ones(1), count=4.0),
+                           min_segment_size=10, privacy={}, training={}, config={})
+
+
+@pytest.mark.parametrize(("value", "transform"), [(np.nan, "none"), (np.inf, "none"),
+                                                  (-5.0, "log1p")])
+def test_assign_rejects_values_outside_the_feature_domain(value, transform):
+    features = (FeatureSpec(name="a", transform=transform),)
+    stats = ProfileStats.compute(np.arange(12.0).reshape(-1, 1), np.arange(12.0).reshape(-1, 1),
+                                 np.array([[3.0], [9.0]]))
+    model = SegmentModel.build(stats=stats, features=features,
+                               scaler=GlobalScaler(mean=np.zeros(1), std=np.ones(1), count=12.0),
+                               min_segment_size=2, privacy={}, training={}, config={})
+    with pytest.raises(DataError, match=r"row 2.*column 'a'"):
+        model.assign(np.array([[1.0], [value]]))
