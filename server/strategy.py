@@ -9,6 +9,7 @@ sums and hands them to the coordinator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from logging import INFO
 
@@ -97,12 +98,14 @@ class FederatedKMeans(Strategy):
         if not results:
             raise ProtocolError(f"round {server_round}: no site replied; cannot continue.")
         if len(results) < self.num_sites and not self.coordinator.settings.accept_partial_rounds:
+            reasons = "; ".join(_describe_failure(f) for f in failures[:3]) or "no reply"
             raise ProtocolError(
                 f"round {server_round} ({self.coordinator.phase.value}): only {len(results)} of "
-                f"{self.num_sites} sites took part. fedseg uses a round only when every site is "
-                "in it: a partial sum would bias the segments and, set against the other "
-                "rounds, reveal the missing site's statistics. Rerun when all sites are up, or "
-                "set strategy.accept_partial_rounds=true (see docs/SECURITY.md)."
+                f"{self.num_sites} sites took part (site errors: {reasons}). fedseg uses a "
+                "round only when every site is in it: a partial sum would bias the segments "
+                "and, set against the other rounds, reveal the missing site's statistics. "
+                "Rerun when all sites are up, or set strategy.accept_partial_rounds=true (see "
+                "docs/SECURITY.md)."
             )
         for _, res in results:
             # Side channels: these travel beside the masked vector in clear.
@@ -146,3 +149,17 @@ class FederatedKMeans(Strategy):
         """No centralised evaluation on the server: it holds no data."""
         return None
 
+
+
+def _describe_failure(failure: object) -> str:
+    """One line about a failed site reply: the site's own error message when Flower has it."""
+    error = failure[1] if isinstance(failure, tuple) else failure
+    if isinstance(error, BaseException) and error.args:
+        error = error.args[0]
+    text = str(getattr(error, "reason", error))
+    # A ClientApp exception reaches the server as "... occurred. Message: <the site's text>".
+    match = re.search(r"Message: (.+?)(?:\\n|\n|$)", text)
+    if match:
+        return match.group(1)[:300]
+    lines = text.strip().splitlines()
+    return (lines[-1] if lines else type(error).__name__)[:300]

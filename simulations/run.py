@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -204,6 +205,7 @@ def run(
         _say(f"k={settings.k}, secure aggregation: OFF (privacy=none, explicit choice)")
 
     audit_dir = out / "audit"
+    shutil.rmtree(audit_dir, ignore_errors=True)  # a rerun into the same directory starts afresh
     results: list[RunResult] = []
     server_app = make_server_app(plan, on_result=results.append, on_round=_print_round)
     client_app = make_client_app(
