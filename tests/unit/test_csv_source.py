@@ -129,28 +129,15 @@ def test_log1p_feature_accepts_values_just_above_minus_one(tmp_path):
 # --- errors -------------------------------------------------------------------------------
 
 
-def test_missing_file_names_the_path(tmp_path):
-    path = tmp_path / "nope.csv"
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(None, "not found"), ("", "empty"), ("visits,spend,store\n\n", "no data rows")],
+    ids=["missing file", "empty file", "header without data rows"],
+)
+def test_unusable_file_is_rejected_naming_the_path(tmp_path, content, match):
+    path = tmp_path / "nope.csv" if content is None else _write(tmp_path, content)
 
-    with pytest.raises(DataError, match="not found") as info:
-        _read(path)
-
-    _assert_names(info.value, path)
-
-
-def test_empty_file_names_the_path(tmp_path):
-    path = _write(tmp_path, "")
-
-    with pytest.raises(DataError, match="empty") as info:
-        _read(path)
-
-    _assert_names(info.value, path)
-
-
-def test_header_without_data_rows_is_rejected(tmp_path):
-    path = _write(tmp_path, "visits,spend,store\n\n")
-
-    with pytest.raises(DataError, match="no data rows") as info:
+    with pytest.raises(DataError, match=match) as info:
         _read(path)
 
     _assert_names(info.value, path)
