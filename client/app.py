@@ -15,9 +15,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -29,21 +30,25 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from numpy.typing import NDArray
 
-from client.audit import make_audit_mod
+from client.audit import make_boundary_mod
+from client.secagg_guard import make_secagg_guard_mod
+from client.site_files import SiteFiles, site_id
 from common import mask_prg
-from common.errors import ConfigError, DataError, ProtocolError
+from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
-from common.protocol import GROUPS_KEY, PHASE_KEY, Phase, parse_phase, reply_shapes
+from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, Phase, parse_phase, reply_shapes
 from common.scaling import GlobalScaler, compute_moments
 from common.secure_sum import (
     CLIPPING_RANGE,
+    MAX_ABS_VALUE,
     MAX_WEIGHT,
     MODULUS_RANGE,
     SecAggPlusSumCodec,
     check_no_wrap,
 )
 from common.segment_model import ProfileStats
+from common.site_policy import RunPlan, SitePolicy, SiteSession
 
 SECAGG_MODULES = (
     importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
@@ -51,6 +56,9 @@ SECAGG_MODULES = (
 )
 """Flower modules whose SecAgg+ mask generator this site replaces (see common.mask_prg)."""
 mask_prg.install(*SECAGG_MODULES)
+
+SESSION_RECORD = "fedseg.site"
+"""Key of the site's per-run session (what it has answered) in the node's context."""
 
 
 @dataclass(frozen=True)
@@ -170,29 +178,116 @@ def codec_from_secagg_state(context: Context) -> SecAggPlusSumCodec:
         raise ProtocolError(f"refusing SecAgg+ round with {sites} sites: {exc}") from exc
 
 
+def check_encodable(
+    arrays: Sequence[NDArray[np.float64]], features: tuple[FeatureSpec, ...], *, what: str
+) -> None:
+    """Refuse statistics the secure-sum encoding cannot carry, naming the feature and the fix.
+
+    Parameters
+    ----------
+    arrays : sequence of ndarray
+        Statistics about to be encoded; a last axis of ``len(features)`` is read per feature.
+    features : tuple of FeatureSpec
+    what : str
+        What the arrays are, for the message (e.g. ``"lloyd statistics"``).
+    """
+    d = len(features)
+    for arr in arrays:
+        values = np.abs(np.asarray(arr, dtype=np.float64))
+        bad = ~np.isfinite(values) | (values >= MAX_ABS_VALUE)
+        if not bad.any():
+            continue
+        if values.ndim >= 1 and values.shape[-1] == d and d > 1:
+            column = int(np.argwhere(bad)[0][-1])
+            name = features[column].name
+            raise SiteRefusal(
+                "range",
+                f"feature {name!r}: this site's {what} reach {float(values.max()):.3g} (limit of "
+                f"the secure-sum encoding: {MAX_ABS_VALUE:.3g}). Declare clip bounds for "
+                f"{name!r} in the site's data configuration (data.clip, e.g. "
+                f"data.clip.{name}=[low,high]) or transform it (log1p).",
+            )
+        raise SiteRefusal("range", f"this site's {what} hold a count or cost of "
+                          f"{float(values.max()):.3g}, beyond the encoding's limit "
+                          f"{MAX_ABS_VALUE:.3g}; the scaling sent by the server is degenerate.")
+
+
+def check_site_range(site: SiteData) -> None:
+    """Before the first answer: every raw or transformed sum of squares this site will send fits.
+
+    The profile round sends raw sums of squares per segment; one customer with a huge (valid)
+    value would overflow them at the last round. Checked at the moments round instead, when the
+    run can still be fixed.
+    """
+    raw_sq = np.einsum("ij,ij->j", site.raw, site.raw)
+    t_sq = np.einsum("ij,ij->j", site.transformed, site.transformed)
+    check_encodable([raw_sq[None, :], t_sq[None, :]], site.features,
+                    what="sums of squares")
+
+
 class SiteClient(NumPyClient):
-    """NumPyClient answering fit instructions with (encoded) statistics.
+    """NumPyClient answering fit instructions with (encoded) statistics, within its policy.
 
     Parameters
     ----------
     site : SiteData
     context : flwr.app.Context
-        The node's context (holds the SecAgg+ set-up of the round).
-    secagg : bool
-        Whether this site requires SecAgg+ for everything it sends.
+        The node's context (holds the SecAgg+ set-up of the round and the site's session).
+    policy : SitePolicy
+        The site's own policy (never taken from the server or the run config).
+    site_root : str or Path, optional
+        The site's directory (round ledger); ``None`` keeps no ledger (unit tests).
     """
 
-    def __init__(self, site: SiteData, context: Context, *, secagg: bool) -> None:
+    def __init__(
+        self,
+        site: SiteData,
+        context: Context,
+        *,
+        policy: SitePolicy,
+        site_root: str | Path | None = None,
+    ) -> None:
         self.site = site
         self.context = context
-        self.secagg = secagg
+        self.policy = policy
+        self.secagg = policy.mechanism == "secagg+"
+        self.files = None if site_root is None else SiteFiles(Path(site_root), site_id(context))
+
+    def _session(self) -> SiteSession:
+        record = self.context.state.config_records.get(SESSION_RECORD)
+        return SiteSession.from_json(None if record is None else str(record["session"]))
+
+    def admit(self, config: dict[str, Scalar], parameters: NDArrays) -> tuple[Phase, int]:
+        """Check one request against the policy and the run so far; record it if admitted."""
+        plan = RunPlan.from_json(config.get(PLAN_KEY))
+        try:
+            phase = parse_phase(config.get(PHASE_KEY))
+            groups = int(config.get(GROUPS_KEY, 1))
+        except (TypeError, ValueError) as exc:
+            raise SiteRefusal("protocol", str(exc)) from exc
+        plan.check_against(self.policy, features=tuple(f.name for f in self.site.features),
+                           prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+        customers = self.site.raw.shape[0]
+        if customers < self.policy.min_customers:
+            raise SiteRefusal("policy", f"this site holds {customers} consenting customers; its "
+                              f"policy requires {self.policy.min_customers} (site.min_customers) "
+                              "before it contributes to any sum.")
+        session = self._session()
+        session.admit(plan, phase, [np.asarray(a) for a in parameters], groups=groups)
+        if self.files is not None:
+            self.files.admit_round(max_per_day=self.policy.max_rounds_per_day)
+        self.context.state.config_records[SESSION_RECORD] = ConfigRecord(
+            {"session": session.to_json()})
+        return phase, groups
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict]:
         """Return the statistics of the requested phase, ``num_examples=1``, no metrics."""
-        phase = parse_phase(config.get(PHASE_KEY))
-        groups = int(config.get(GROUPS_KEY, 1))
+        phase, groups = self.admit(config, parameters)
         codec = codec_from_secagg_state(self.context) if self.secagg else None
+        if phase is Phase.MOMENTS:
+            check_site_range(self.site)
         reply = site_statistics(self.site, phase, parameters, groups=groups)
+        check_encodable(reply, self.site.features, what=f"{phase.value} statistics")
         if codec is not None:
             reply = codec.encode(reply)
         return reply, 1, {}
@@ -227,8 +322,8 @@ def require_secagg_mod(message: Message, context: Context, call_next: ClientAppC
 def make_client_app(
     site_loader: SiteLoader,
     *,
-    secagg: bool,
-    audit_dir: str | None = None,
+    policy: SitePolicy,
+    site_root: str | Path,
     extra_mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """Build the site ClientApp.
@@ -237,20 +332,20 @@ def make_client_app(
     ----------
     site_loader : callable
         ``context -> SiteData`` for the node running the app.
-    secagg : bool
-        Whether the site requires SecAgg+ (adds ``secaggplus_mod`` and refuses plain rounds).
-    audit_dir : str, optional
-        Directory of the site's audit log (``site-<partition>.jsonl``); ``None`` disables it.
+    policy : SitePolicy
+        The site's own policy: with ``mechanism="secagg+"`` the app refuses plain rounds and
+        checks every SecAgg+ stage (:mod:`client.secagg_guard`) before Flower's mod answers it.
+    site_root : str or Path
+        The site's directory: audit log, site log, round ledger (:class:`SiteFiles`).
     extra_mods : sequence of Mod
         Outermost mods (tests record every outgoing message with one).
     """
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(site_loader(context), context, secagg=secagg).to_client()
+        return SiteClient(site_loader(context), context, policy=policy,
+                          site_root=site_root).to_client()
 
-    mods: list[Mod] = list(extra_mods)
-    if audit_dir is not None:
-        mods.append(make_audit_mod(audit_dir, mechanism="secagg+" if secagg else "none"))
-    if secagg:
-        mods.extend([require_secagg_mod, secaggplus_mod])
+    mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism)]
+    if policy.mechanism == "secagg+":
+        mods.extend([require_secagg_mod, make_secagg_guard_mod(policy), secaggplus_mod])
     return ClientApp(client_fn=client_fn, mods=mods)

@@ -1,9 +1,10 @@
-"""The site's audit log: one JSON line per message the site sends.
+"""The site's boundary: sanitised errors and an audit log line per message the site sends.
 
-Each line records what left the site and under which guarantee: the round (Flower group id),
-message type, SecAgg+ stage, the shapes of every array or byte string in the reply, its size in
-bytes on the wire (protobuf), a SHA-256 hash of that serialisation, the clear-text
-``num_examples`` and metric keys, and the privacy mechanism. It never records a value.
+Each audit line records what left the site and under which guarantee: the round (Flower group
+id), message type, the SecAgg+ stage answered, the shapes of every array or byte string in the
+reply, its size in bytes on the wire (protobuf), a SHA-256 hash of that serialisation, the
+clear-text metric keys, the privacy mechanism, and the error code of an error reply. It never
+records a value.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_to_proto
+
+from client.site_files import SiteFiles, site_id
+from common.errors import public_site_error, site_error_code
 
 SECAGG_CONFIGS_KEY = "secaggplus_configs"
 
@@ -69,38 +74,72 @@ def describe_message(message: Message) -> dict[str, Any]:
     return info
 
 
-def make_audit_mod(audit_dir: str | Path, *, mechanism: str) -> Mod:
-    """Return a mod that appends a description of every reply to the site's audit log.
+def incoming_stage(message: Message) -> str | None:
+    """Return the SecAgg+ stage a request asks for (read before ``secaggplus_mod`` pops it)."""
+    if message.has_content() and SECAGG_CONFIGS_KEY in message.content.config_records:
+        stage = message.content.config_records[SECAGG_CONFIGS_KEY].get("stage")
+        return None if stage is None else str(stage)
+    return None
+
+
+def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
+    """Return the site's outermost mod: sanitise errors, then audit whatever leaves.
+
+    * Any exception raised below (a refusal, a data error naming a cell, a bug) becomes an
+      error reply carrying only a code and a generic text
+      (:func:`common.errors.public_site_error`); the full reason and traceback go to the site's
+      own log (:class:`client.site_files.SiteFiles`).
+    * Every reply, error replies included, is described in the audit log with the SecAgg+ stage
+      it answers. If the audit entry cannot be written, no data is sent: the reply is replaced
+      by an ``internal`` error.
 
     Parameters
     ----------
-    audit_dir : str or Path
-        Directory of the log; the file is ``site-<partition-id or node-id>.jsonl``.
+    site_root : str or Path
+        The site's directory (audit log, site log, round ledger).
     mechanism : str
         Privacy mechanism protecting the replies (``"secagg+"`` or ``"none"``).
     """
-    directory = Path(audit_dir)
+    root = Path(site_root)
 
-    def audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        reply = call_next(message, context)
-        site = context.node_config.get("partition-id", context.node_id)
-        stage = None
-        if message.has_content() and SECAGG_CONFIGS_KEY in message.content.config_records:
-            stage = message.content.config_records[SECAGG_CONFIGS_KEY].get("stage")
+    def boundary_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        files = SiteFiles(root, site_id(context))
+        stage = incoming_stage(message)
+        code = None
+        try:
+            reply = call_next(message, context)
+        except Exception as exc:
+            code = site_error_code(exc)
+            try:
+                files.log(f"round {message.metadata.group_id} stage {stage} refused [{code}]",
+                          str(exc), exc=exc)
+            except OSError:
+                pass  # the reply below still carries no value
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                  reason=public_site_error(code)), reply_to=message)
         entry = {
             "time": round(time.time(), 3),
-            "site": str(site),
+            "site": files.site,
             "round": message.metadata.group_id,
             "stage": stage,
+            "in_type": message.metadata.message_type,
             "mechanism": mechanism if message.metadata.message_type == "train" else "none",
+            "error_code": code,
             **describe_message(reply),
         }
-        directory.mkdir(parents=True, exist_ok=True)
-        with (directory / f"site-{site}.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        try:
+            files.append_audit(entry)
+        except OSError as exc:
+            if code is None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=public_site_error("internal")), reply_to=message)
+            try:
+                files.log("audit log not writable; reply withheld", str(exc))
+            except OSError:
+                pass
         return reply
 
-    return audit_mod
+    return boundary_mod
 
 
 def make_capture_mod(capture_dir: str | Path) -> Mod:

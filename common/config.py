@@ -32,6 +32,7 @@ class CsvDataConfig:
     features: list[str] = field(default_factory=list)
     transform: str = "none"
     label_column: str | None = None
+    clip: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +98,29 @@ class NoPrivacyConfig:
 
 
 @dataclass
+class SitePolicyConfig:
+    """Each site's own policy (``common.site_policy.SitePolicy``): what it agrees to compute.
+
+    In a local simulation one operator configures the server and every site, so this group
+    sits beside the others; a deployed site reads it from its own node configuration, never
+    from the run config. ``mechanism: null`` follows ``privacy`` (simulation only).
+    """
+
+    mechanism: str | None = None
+    min_sites: int = 3
+    min_customers: int = 20
+    max_k: int = 20
+    max_restarts: int = 10
+    max_init_candidates: int = 200
+    max_init_rounds: int = 10
+    max_lloyd_rounds: int = 100
+    max_rounds_per_day: int = 1000
+    tolerate_dropouts: bool = False
+    collusion_fraction: float = 1.0 / 3.0
+    failure_log2: int = 40
+
+
+@dataclass
 class FederationConfig:
     """Sites and the local simulation engine."""
 
@@ -115,6 +139,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: Any = MISSING
     federation: FederationConfig = field(default_factory=FederationConfig)
+    site: SitePolicyConfig = field(default_factory=SitePolicyConfig)
     seed: int = 0
     verbose: bool = False
     centralized_reference: bool = True
@@ -134,3 +159,4 @@ def register_configs() -> None:
     cs.store(group="privacy", name="secagg_schema", node=SecAggPrivacyConfig)
     cs.store(group="privacy", name="none_schema", node=NoPrivacyConfig)
     cs.store(group="federation", name="simulation_schema", node=FederationConfig)
+    cs.store(group="site", name="policy_schema", node=SitePolicyConfig)

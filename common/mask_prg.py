@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -32,6 +33,21 @@ from common.errors import ConfigError
 
 PATCHED_NAME = "pseudo_rand_gen"
 """The Flower function that is replaced (module attribute name)."""
+
+PRG_ID = "chacha20-sha256/1"
+"""Identifier of this mask generator, announced by the server and verified by every site."""
+
+FLOWER_PRG_ID = "flower-randomstate-fold32"
+"""What a side without the replacement masks with (never accepted by a fedseg site)."""
+
+SUPPORTED_FLOWER = ("1.42.0",)
+"""Flower versions whose SecAgg+ code this replacement was checked against."""
+
+CALLERS = {
+    "flwr.client.mod.secure_aggregation.secaggplus_mod": ("_collect_masked_vectors",),
+    "flwr.server.workflow.secure_aggregation.secaggplus_workflow": ("SecAggPlusWorkflow",),
+}
+"""Flower functions (or classes whose methods) must call the generator by its module name."""
 
 _REPLACED: dict[str, object] = {}  # module name -> Flower's original function (for uninstall)
 _NONCE = bytes(16)  # ChaCha20 in `cryptography`: 4-byte block counter + 12-byte nonce, all zero.
@@ -94,7 +110,19 @@ def keystream_masks(
     return out
 
 
-def install(*modules: ModuleType) -> None:
+def _calls_by_global_name(obj: object, module: ModuleType) -> bool:
+    """Whether ``obj`` (a function, or a class's methods) looks ``pseudo_rand_gen`` up globally.
+
+    Only then does replacing the module attribute change what Flower calls: a function that
+    had bound the original under another name, or a default argument, would keep the weak masks.
+    """
+    functions = ([obj] if callable(obj) and hasattr(obj, "__code__")
+                 else [v for v in vars(obj).values() if hasattr(v, "__code__")])
+    uses: list[Any] = [f for f in functions if PATCHED_NAME in f.__code__.co_names]
+    return bool(uses) and all(f.__globals__ is vars(module) for f in uses)
+
+
+def install(*modules: ModuleType, flower_version: str | None = None) -> None:
     """Replace ``pseudo_rand_gen`` with :func:`keystream_masks` in each given module.
 
     Parameters
@@ -102,25 +130,51 @@ def install(*modules: ModuleType) -> None:
     *modules : module
         Flower modules that imported ``pseudo_rand_gen`` by name (the SecAgg+ client mod,
         the SecAgg+ server workflow, and the utilities module that defines it).
+    flower_version : str, optional
+        The installed Flower version (default: ``flwr.__version__``); checked against
+        :data:`SUPPORTED_FLOWER`.
 
     Raises
     ------
     RuntimeError
-        If a module does not have ``pseudo_rand_gen``: the installed Flower changed, and
-        continuing could silently fall back to 32-bit masks.
+        If Flower is not a supported version, a module does not have ``pseudo_rand_gen``, or
+        Flower's masking code would not call the replacement: continuing could silently fall
+        back to 32-bit masks or to masks the other side cannot remove.
     """
+    if flower_version is None:
+        import importlib.metadata
+
+        flower_version = importlib.metadata.version("flwr")
+    if flower_version not in SUPPORTED_FLOWER:
+        raise RuntimeError(
+            f"flwr=={flower_version} is installed; fedseg's SecAgg+ mask hardening was checked "
+            f"against flwr {', '.join(SUPPORTED_FLOWER)} only. Refusing to run with masks of "
+            "unknown strength (install the pinned version: pip install -e .)."
+        )
     for module in modules:
         current = getattr(module, PATCHED_NAME, None)
-        if current is keystream_masks:
-            continue
-        if not callable(current):
+        if current is not keystream_masks and not callable(current):
             raise RuntimeError(
                 f"{module.__name__} has no callable {PATCHED_NAME!r}: this Flower version is not "
                 "the one fedseg's SecAgg+ mask hardening was written for (flwr==1.42.0). "
                 "Refusing to run with masks of unknown strength."
             )
+        for name in CALLERS.get(module.__name__, ()):
+            caller = getattr(module, name, None)
+            if caller is None or not _calls_by_global_name(caller, module):
+                raise RuntimeError(
+                    f"{module.__name__}.{name} does not call {PATCHED_NAME} through its module: "
+                    "replacing it would not change the masks Flower computes. Refusing to run."
+                )
+        if current is keystream_masks:
+            continue
         _REPLACED[module.__name__] = current
         setattr(module, PATCHED_NAME, keystream_masks)
+
+
+def active_prg_id(*modules: ModuleType) -> str:
+    """Return the mask generator these modules use now: :data:`PRG_ID` or :data:`FLOWER_PRG_ID`."""
+    return PRG_ID if is_installed(*modules) else FLOWER_PRG_ID
 
 
 def uninstall(*modules: ModuleType) -> None:

@@ -57,6 +57,8 @@ PHASE_KEY = "fedseg.phase"
 """Config key of a fit instruction naming its phase."""
 ROUND_KEY = "fedseg.round"
 """Config key of a fit instruction carrying the server round."""
+PLAN_KEY = "fedseg.plan"
+"""Config key: the server's public run plan (:class:`common.site_policy.RunPlan`, JSON)."""
 GROUPS_KEY = "fedseg.groups"
 """Config key: the centres form this many independent sets (parallel Lloyd runs)."""
 

@@ -20,9 +20,16 @@ The decoded sum equals the plain float sum up to ``2**-FRACTION_BITS`` per site 
 ``Q`` is chosen from the number of sites so that ``(n + 1) * Q <= 2**32``: the masked sum can
 never wrap Flower's ``modulus_range`` (Flower does not check this; an overflow is silent).
 
-Side note for reviewers: the server learns the per-limb sums, not only their combination. The
-difference is the number of carries out of each limb (at most ``log2(n)`` bits per entry about
-the sites' low-order fixed-point digits). This is recorded in the design notes.
+Public offset: a site encodes ``v * 2**FRACTION_BITS + OFFSET`` instead of the two's complement
+of ``v``. The server learns every limb's sum, not only their combination: with two's complement,
+a negative value sets all of its upper limbs to ``2**L - 1``, so the upper limb sums counted the
+sites that sent a negative value. ``OFFSET`` has bit ``j*L - 1`` set for every limb boundary
+``j*L``, so at every boundary above a value's magnitude the offset's lower part sits mid-range
+and neither a positive nor a negative value carries or borrows across it: those limbs hold the
+offset's constant digits at every site. What remains (docs/SECURITY.md): at the boundaries
+*below* a value's magnitude the limb sums still count carries out of the sites' lower digits,
+at most ``log2(n + 1)`` bits per boundary about how the sites' residues modulo ``2**(j*L)``
+add up -- not signs, not values.
 """
 
 from __future__ import annotations
@@ -135,6 +142,12 @@ class SecAggPlusSumCodec:
         """Limbs per encoded entry."""
         return num_limbs(self.quantization_range)
 
+    @property
+    def offset(self) -> int:
+        """Public offset added to every fixed-point word: bit ``j*L - 1`` for each boundary."""
+        return sum(1 << (j * self.limb_bits - 1) for j in range(1, self.limbs)
+                   if j * self.limb_bits - 1 < TOTAL_BITS)
+
     def encoded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the payload that encodes an array of ``shape``."""
         return (self.limbs, *shape)
@@ -156,6 +169,7 @@ class SecAggPlusSumCodec:
         out: list[NDArray[np.float64]] = []
         modulus = 1 << TOTAL_BITS
         mask = self.quantization_range - 1
+        offset = self.offset
         for index, arr in enumerate(arrays):
             values = np.asarray(arr, dtype=np.float64)
             if not np.all(np.isfinite(values)):
@@ -168,8 +182,8 @@ class SecAggPlusSumCodec:
             flat = values.ravel()
             limbs = np.empty((self.limbs, flat.size), dtype=np.float64)
             for j, value in enumerate(flat.tolist()):
-                # Exact: float -> dyadic rational -> integer, two's complement modulo 2**TOTAL_BITS.
-                word = round(value * (1 << FRACTION_BITS)) % modulus
+                # Exact: float -> dyadic rational -> integer, plus the public offset.
+                word = (round(value * (1 << FRACTION_BITS)) + offset) % modulus
                 for limb in range(self.limbs):
                     m = (word >> (limb * self.limb_bits)) & mask
                     limbs[limb, j] = m * (2.0 / self.quantization_range) - 1.0
@@ -198,6 +212,7 @@ class SecAggPlusSumCodec:
             raise ProtocolError(f"num_sites={num_sites} should be >= 1 to decode a sum.")
         modulus = 1 << TOTAL_BITS
         half = modulus >> 1
+        offsets = num_sites * self.offset
         out: list[NDArray[np.float64]] = []
         for index, mean in enumerate(means):
             arr = np.asarray(mean, dtype=np.float64)
@@ -213,7 +228,7 @@ class SecAggPlusSumCodec:
                 total = 0
                 for limb in range(self.limbs):
                     total += int(flat[limb, j]) << (limb * self.limb_bits)
-                total %= modulus
+                total = (total - offsets) % modulus
                 if total >= half:
                     total -= modulus
                 result[j] = total / (1 << FRACTION_BITS)

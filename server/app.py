@@ -10,7 +10,6 @@ these Flower details, so it can be swapped when Flower ships a Message-API SecAg
 from __future__ import annotations
 
 import importlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from flwr.serverapp import Grid
 from common import mask_prg
 from common.errors import ConfigError, ProtocolError
 from common.features import FeatureSpec
+from common.secagg_params import neighbourhood_size, threshold_for
 from common.secure_sum import (
     CLIPPING_RANGE,
     MAX_WEIGHT,
@@ -40,8 +40,9 @@ from common.secure_sum import (
     quantization_range_for,
 )
 from common.segment_model import SegmentModel
+from common.site_policy import RunPlan
 from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
-from server.strategy import FederatedKMeans
+from server.strategy import FederatedKMeans, describe_failure
 
 SECAGG_MODULES = (
     importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
@@ -51,44 +52,31 @@ SECAGG_MODULES = (
 mask_prg.install(*SECAGG_MODULES)
 
 
-COMPLETE_GRAPH_MAX_SITES = 30
-"""Up to this many sites every site shares its secrets with every other (see secagg_shares)."""
-
-
-def secagg_shares(num_sites: int) -> tuple[int, int]:
+def secagg_shares(
+    num_sites: int, *, tolerate_dropouts: bool = False, rounds: int = 50
+) -> tuple[int, int]:
     """Choose the SecAgg+ neighbourhood size and reconstruction threshold for ``num_sites``.
 
-    SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, "Secure single-server aggregation with
-    (poly)logarithmic overhead", CCS 2020) secret-shares each site's mask keys with ``s``
-    neighbours; any ``t`` of them can rebuild the keys of a dropped site.
-
-    * ``s``: federations of customer-data sites are small, so up to
-      :data:`COMPLETE_GRAPH_MAX_SITES` sites every site is everyone's neighbour (``s = n``):
-      the strongest setting, and its O(n^2) key agreements cost little at that size. Beyond,
-      the paper's logarithmic neighbourhoods apply: the smallest odd ``s >= 3 * log2(n)``
-      (odd because Flower's neighbour ring is symmetric around each site).
-    * ``t = floor(s / 2) + 1``, a strict majority of a neighbourhood: the server needs ``t``
-      shares to unmask anything, so it learns nothing beyond the sum unless ``t`` of a site's
-      neighbours collude with it, and the round survives up to ``s - t`` dropped neighbours.
+    The derivation (what a lying server and its colluders need, the hypergeometric bound for
+    neighbourhoods above 30 sites) is in :mod:`common.secagg_params`; every site re-derives the
+    same minimum from its own policy and refuses a weaker set-up.
 
     Parameters
     ----------
     num_sites : int
         Sites sampled in the round (>= 2).
+    tolerate_dropouts : bool, default=False
+        Whether the run uses rounds with dropped sites (``strategy.accept_partial_rounds``).
+        Without, the threshold is the whole neighbourhood.
+    rounds : int, default=50
+        Rounds of the run, for the union bound.
 
     Returns
     -------
     (num_shares, threshold) : tuple of int
     """
-    if num_sites < 2:
-        raise ConfigError(f"num_sites={num_sites} should be >= 2 for SecAgg+.")
-    if num_sites <= COMPLETE_GRAPH_MAX_SITES:
-        shares = num_sites
-    else:
-        shares = math.ceil(3 * math.log2(num_sites))
-        shares += 1 - shares % 2
-        shares = min(shares, num_sites)
-    return shares, max(2, shares // 2 + 1)
+    shares = neighbourhood_size(num_sites, tolerate_dropouts=tolerate_dropouts, rounds=rounds)
+    return shares, threshold_for(shares, tolerate_dropouts=tolerate_dropouts)
 
 
 @dataclass(frozen=True)
@@ -102,8 +90,10 @@ class SecAggSettings:
         (:func:`secagg_shares`); a value <= 1 is a fraction of the sampled sites; a value > 1
         is a count.
     reconstruction_threshold : float or None
-        Shares needed to rebuild a secret: ``None`` is a strict majority of the
-        neighbourhood; a value <= 1 is a fraction of ``num_shares``; a value > 1 is a count.
+        Shares needed to rebuild a secret: ``None`` is the whole neighbourhood (or, when
+        dropouts are tolerated, all but ``floor((s - 1) / 3)``; see common.secagg_params); a
+        value <= 1 is a fraction of ``num_shares``; a value > 1 is a count. Sites refuse a
+        threshold below their policy's rule.
     timeout : float or None
         Seconds to wait for replies in each stage (None: wait for all).
     """
@@ -112,7 +102,9 @@ class SecAggSettings:
     reconstruction_threshold: float | None = None
     timeout: float | None = None
 
-    def resolve(self, num_sites: int) -> tuple[int, int]:
+    def resolve(
+        self, num_sites: int, *, tolerate_dropouts: bool = False, rounds: int = 50
+    ) -> tuple[int, int]:
         """Return the ``(num_shares, threshold)`` Flower will use for ``num_sites`` sites.
 
         Flower builds each neighbourhood as a ring of ``2 * (s // 2) + 1`` sites, so an even
@@ -122,7 +114,8 @@ class SecAggSettings:
         if num_sites == 2:
             shares = 2  # two sites: each is the other's only neighbour
         elif self.num_shares is None:
-            shares = secagg_shares(num_sites)[0]
+            shares = secagg_shares(num_sites, tolerate_dropouts=tolerate_dropouts,
+                                   rounds=rounds)[0]
         else:
             shares = _count_or_fraction(self.num_shares, num_sites, "privacy.num_shares")
             if shares < num_sites and shares % 2 == 0:
@@ -133,7 +126,7 @@ class SecAggSettings:
                     f"sites; expected between 3 and {num_sites}."
                 )
         if self.reconstruction_threshold is None:
-            threshold = max(2, shares // 2 + 1)
+            threshold = threshold_for(shares, tolerate_dropouts=tolerate_dropouts)
         else:
             threshold = _count_or_fraction(self.reconstruction_threshold, shares,
                                            "privacy.reconstruction_threshold")
@@ -187,7 +180,31 @@ class FederationPlan:
             raise ConfigError(f"federation.num_sites={self.num_sites} should be >= 2.")
         if self.secagg is not None:
             check_no_wrap(num_sites=self.num_sites, quantization_range=self.quantization_range)
-            self.secagg.resolve(self.num_sites)
+            self.secagg_parameters()
+
+    @property
+    def max_rounds(self) -> int:
+        """Rounds of a run at most: moments + initialisation + Lloyd + profile."""
+        return 2 + self.settings.init_rounds + self.settings.max_rounds
+
+    def secagg_parameters(self) -> tuple[int, int]:
+        """``(num_shares, threshold)`` in force for this plan (SecAgg+ only)."""
+        assert self.secagg is not None
+        return self.secagg.resolve(
+            self.num_sites, tolerate_dropouts=self.settings.accept_partial_rounds,
+            rounds=self.max_rounds)
+
+    def run_plan(self, *, prg: str) -> RunPlan:
+        """Return the public plan announced to sites with every instruction (they check it)."""
+        summary = self.settings.init == "summary"
+        return RunPlan(
+            features=tuple(f.name for f in self.features), k=self.settings.k,
+            n_init=self.settings.n_init, init=self.settings.init,
+            init_candidates=self.settings.n_candidates if summary else 0,
+            init_rounds=self.settings.init_rounds if summary else 0,
+            max_rounds=self.settings.max_rounds, num_sites=self.num_sites,
+            prg=prg if self.secagg is not None else "",
+        )
 
     @property
     def quantization_range(self) -> int:
@@ -198,7 +215,7 @@ class FederationPlan:
         """Describe the privacy guarantees, as recorded in the segment model."""
         if self.secagg is None:
             return {"secure_aggregation": "none", "differential_privacy": None}
-        shares, threshold = self.secagg.resolve(self.num_sites)
+        shares, threshold = self.secagg_parameters()
         return {
             "secure_aggregation": "secagg+",
             "secagg": {
@@ -208,10 +225,34 @@ class FederationPlan:
                 "quantization_range": self.quantization_range,
                 "modulus_range": MODULUS_RANGE,
                 "max_weight": MAX_WEIGHT,
-                "encoding": "exact fixed-point limbs (common.secure_sum)",
+                "encoding": "exact fixed-point limbs with public offset (common.secure_sum)",
+                "mask_prg": mask_prg.PRG_ID,
+                "dropouts_tolerated": self.settings.accept_partial_rounds,
             },
             "differential_privacy": None,
         }
+
+
+class FailureRecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, keeping the round's failed replies for the error message.
+
+    Sites answer refusals with a code and a generic text only; when a refusal halts a round,
+    those codes are what tells the operator why.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state: Any = None
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Remember the round's state, then run Flower's set-up stage."""
+        self._state = state
+        return bool(super().setup_stage(grid, context, state))
+
+    def failure_reasons(self) -> list[str]:
+        """Distinct site error texts of the last round (sanitised by the sites)."""
+        failures = [] if self._state is None else list(self._state.failures)
+        return sorted({describe_failure(f) for f in failures})
 
 
 @dataclass
@@ -229,6 +270,7 @@ def run_federated_kmeans(
     plan: FederationPlan,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
+    coordinator: KMeansCoordinator | None = None,
 ) -> RunResult:
     """Run all rounds of federated k-means on ``grid`` and build the segment model.
 
@@ -239,19 +281,26 @@ def run_federated_kmeans(
     plan : FederationPlan
     on_round : callable, optional
         Progress callback, called after every round.
+    coordinator : KMeansCoordinator, optional
+        The state machine deciding each round's instruction (default: a fresh one for
+        ``plan``). The attack tests pass a deviating one: sites must refuse it.
     """
     started = time.perf_counter()
-    coordinator = KMeansCoordinator(settings=plan.settings, features=plan.features)
+    if coordinator is None:
+        coordinator = KMeansCoordinator(settings=plan.settings, features=plan.features)
     codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
+    announced = plan.run_plan(prg=mask_prg.active_prg_id(*SECAGG_MODULES))
     strategy = FederatedKMeans(
-        coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round
+        coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round,
+        run_plan=announced.to_json(),
     )
+    workflow: FailureRecordingSecAggPlusWorkflow | None = None
     if plan.secagg is not None:
-        shares, threshold = plan.secagg.resolve(plan.num_sites)
+        shares, threshold = plan.secagg_parameters()
         # Flower refuses integer shares <= 2 (only two sites: both share with each other) and
         # integer thresholds equal to the shares; the fraction 1.0 ("all") gives Flower the
         # same integers in those two cases.
-        fit_workflow: Callable[[Grid, Context], None] = SecAggPlusWorkflow(
+        workflow = FailureRecordingSecAggPlusWorkflow(
             num_shares=shares if shares > 2 else 1.0,
             reconstruction_threshold=threshold if threshold < shares else 1.0,
             max_weight=MAX_WEIGHT,
@@ -260,10 +309,10 @@ def run_federated_kmeans(
             modulus_range=MODULUS_RANGE,
             timeout=plan.secagg.timeout,
         )
+        fit_workflow: Callable[[Grid, Context], None] = workflow
     else:
         fit_workflow = default_fit_workflow
-    # Upper bound on rounds: moments + init + Lloyd + profile.
-    max_rounds = 2 + plan.settings.init_rounds + plan.settings.max_rounds
+    max_rounds = plan.max_rounds
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=max_rounds), strategy=strategy
     )
@@ -283,9 +332,13 @@ def run_federated_kmeans(
             before = len(coordinator.history)
             fit_workflow(grid, legacy)
             if len(coordinator.history) == before:
+                reasons = workflow.failure_reasons() if workflow is not None else []
                 raise ProtocolError(
                     f"round {server_round} ({coordinator.phase.value}) produced no aggregate: "
-                    "secure aggregation halted (too few sites replied?)."
+                    "secure aggregation halted"
+                    + (f"; site replies: {'; '.join(reasons)}." if reasons
+                       else " (too few sites replied?).")
+                    + " Nothing is published."
                 )
     finally:
         stop.set()
@@ -302,12 +355,15 @@ def make_server_app(
     *,
     on_result: Callable[[RunResult], None],
     on_round: Callable[[RoundRecord], None] | None = None,
+    coordinator_factory: Callable[[], KMeansCoordinator] | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs ``plan`` and passes the result to ``on_result``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        on_result(run_federated_kmeans(grid, context, plan, on_round=on_round))
+        coordinator = None if coordinator_factory is None else coordinator_factory()
+        on_result(run_federated_kmeans(grid, context, plan, on_round=on_round,
+                                       coordinator=coordinator))
 
     return app

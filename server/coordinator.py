@@ -146,6 +146,7 @@ class KMeansCoordinator:
     _run_cost: list[float] = field(default_factory=list)
     _previous_cost: list[float | None] = field(default_factory=list)
     _round_started: float = field(default_factory=time.perf_counter)
+    _moments_sites: int = 0
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.settings.seed)
@@ -205,11 +206,14 @@ class KMeansCoordinator:
                 f"round {server_round} ({self.phase.value}): aggregate has shapes {got}; "
                 f"expected {self.expected_reply_shapes()}."
             )
+        check_sums(self.phase, sums, num_sites=num_sites, groups=self.groups(),
+                   expected_count=self._moments_count(num_sites), server_round=server_round)
         record = RoundRecord(round=server_round, phase=self.phase.value, num_sites=num_sites,
                              seconds=0.0)
         k, d = self.settings.k, self.n_features
         if self.phase is Phase.MOMENTS:
             self.scaler = GlobalScaler.from_moments(sums, n_features=d)
+            self._moments_sites = num_sites
             if self.settings.init == "summary":
                 self.centres = random_centres(self.settings.n_candidates, d, rng=self._rng)
                 self.phase = Phase.INIT
@@ -242,6 +246,12 @@ class KMeansCoordinator:
             record.cost = float(self.model_stats.costs.sum())
         record.seconds = time.perf_counter() - self._round_started
         self.history.append(record)
+
+    def _moments_count(self, num_sites: int) -> float | None:
+        """Return the customers every later round must count (unknown after a partial round)."""
+        if self.scaler is None or num_sites != self._moments_sites:
+            return None
+        return self.scaler.count
 
     def _start_lloyd(self, starts: list[NDArray[np.float64]]) -> None:
         """Begin ``n_init`` parallel Lloyd runs from the given centre sets."""
@@ -341,3 +351,72 @@ class KMeansCoordinator:
             training=training,
             config=config,
         )
+
+
+def check_sums(
+    phase: Phase,
+    sums: list[NDArray[np.float64]],
+    *,
+    num_sites: int,
+    groups: int,
+    expected_count: float | None,
+    server_round: int,
+) -> None:
+    """Refuse decoded sums that no honest set of sites can produce.
+
+    A mask-generator mismatch, a faulty site or a broken decoder gives sums near the modulus
+    (sizes of 1e30, negative costs); they must stop the run before anything is published.
+    Checks: every entry finite; counts whole and non-negative, each centre group counting the
+    customers of the moments round (when the same sites took part); costs and sums of squares
+    non-negative; and Cauchy-Schwarz ``n * sum(x**2) >= sum(x)**2`` for the moments.
+
+    Parameters
+    ----------
+    phase : Phase
+    sums : list of ndarray
+        Decoded sums in the layout of :func:`common.protocol.reply_shapes`.
+    num_sites : int
+    groups : int
+        Independent centre sets in the round (parallel Lloyd runs).
+    expected_count : float or None
+        Customers counted in the moments round, when comparable.
+    server_round : int
+    """
+    where = f"round {server_round} ({phase.value})"
+    # Per site and entry the encoding rounds to 2**-24; counts are whole at every site.
+    tol = num_sites * 2.0**-20
+
+    def refuse(what: str) -> ProtocolError:
+        return ProtocolError(
+            f"{where}: the decoded sums are impossible ({what}). A site's mask generator or "
+            "encoding does not match the server's, or a site is faulty; nothing is published.")
+
+    arrays = [np.asarray(a, dtype=np.float64) for a in sums]
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        raise refuse("non-finite values")
+
+    def whole_nonnegative(counts: NDArray[np.float64], name: str) -> None:
+        # Above 2**40 (a trillion customers) every float is "whole": such a count is noise.
+        if np.any(counts < -tol) or np.any(counts > 2.0**40) or \
+                np.any(np.abs(counts - np.rint(counts)) > tol):
+            raise refuse(f"{name} that are not whole numbers between 0 and 2**40")
+
+    if phase is Phase.MOMENTS:
+        count, total, squares = arrays
+        whole_nonnegative(count, "a customer count")
+        if np.any(squares < -tol) or np.any(
+                count[0] * squares < total**2 * (1 - 1e-9) - tol * (1 + np.abs(total))):
+            raise refuse("sums of squares below what the sums imply")
+        return
+    if phase is Phase.PROFILE:
+        counts, costs, nonneg = arrays[0], arrays[2], [arrays[4]]
+    else:
+        counts, costs, nonneg = arrays[2], arrays[3], [arrays[1]]
+    whole_nonnegative(counts, "segment counts")
+    if np.any(costs < -tol) or any(np.any(a < -tol) for a in nonneg):
+        raise refuse("negative costs or sums of squares")
+    if expected_count is not None:
+        per_group = counts.reshape(groups, -1).sum(axis=1)
+        if np.any(np.abs(per_group - expected_count) > tol * max(1, counts.size)):
+            raise refuse(f"segment counts that do not add up to the {expected_count:.0f} "
+                         "customers of the moments round")

@@ -29,8 +29,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from common.errors import ProtocolError
-from common.protocol import GROUPS_KEY, PHASE_KEY, ROUND_KEY
+from common.errors import SITE_ERROR_PREFIX, ProtocolError
+from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
 from common.secure_sum import SecAggPlusSumCodec, plain_sum
 from server.coordinator import KMeansCoordinator, RoundRecord
 
@@ -48,6 +48,9 @@ class FederatedKMeans(Strategy):
         The exact-sum decoder when SecAgg+ is on; ``None`` sums plain replies.
     on_round : callable, optional
         Called with every :class:`RoundRecord` (progress output).
+    run_plan : str
+        The public run plan (``RunPlan.to_json()``) sent with every instruction; sites refuse
+        requests outside it.
     """
 
     def __init__(
@@ -57,12 +60,14 @@ class FederatedKMeans(Strategy):
         num_sites: int,
         codec: SecAggPlusSumCodec | None,
         on_round: Callable[[RoundRecord], None] | None = None,
+        run_plan: str = "",
     ) -> None:
         super().__init__()
         self.coordinator = coordinator
         self.num_sites = num_sites
         self.codec = codec
         self.on_round = on_round
+        self.run_plan = run_plan
 
     def __repr__(self) -> str:
         mode = "secagg+" if self.codec is not None else "plain"
@@ -81,7 +86,8 @@ class FederatedKMeans(Strategy):
         phase, arrays, groups = self.coordinator.instruction()
         fit_ins = FitIns(
             ndarrays_to_parameters(arrays),
-            {PHASE_KEY: phase, ROUND_KEY: server_round, GROUPS_KEY: groups},
+            {PHASE_KEY: phase, ROUND_KEY: server_round, GROUPS_KEY: groups,
+             PLAN_KEY: self.run_plan},
         )
         clients = client_manager.sample(num_clients=self.num_sites, min_num_clients=self.num_sites)
         return [(client, fit_ins) for client in clients]
@@ -96,9 +102,11 @@ class FederatedKMeans(Strategy):
         if failures:
             log(INFO, "round %s: %s site(s) failed or dropped", server_round, len(failures))
         if not results:
-            raise ProtocolError(f"round {server_round}: no site replied; cannot continue.")
+            reasons = "; ".join(sorted({describe_failure(f) for f in failures})) or "no reply"
+            raise ProtocolError(f"round {server_round} ({self.coordinator.phase.value}): no "
+                                f"site replied (site errors: {reasons}); nothing is published.")
         if len(results) < self.num_sites and not self.coordinator.settings.accept_partial_rounds:
-            reasons = "; ".join(_describe_failure(f) for f in failures[:3]) or "no reply"
+            reasons = "; ".join(sorted({describe_failure(f) for f in failures})) or "no reply"
             raise ProtocolError(
                 f"round {server_round} ({self.coordinator.phase.value}): only {len(results)} of "
                 f"{self.num_sites} sites took part (site errors: {reasons}). fedseg uses a "
@@ -151,13 +159,16 @@ class FederatedKMeans(Strategy):
 
 
 
-def _describe_failure(failure: object) -> str:
-    """One line about a failed site reply: the site's own error message when Flower has it."""
+def describe_failure(failure: object) -> str:
+    """One line about a failed site reply: the site's sanitised error when it sent one."""
     error = failure[1] if isinstance(failure, tuple) else failure
     if isinstance(error, BaseException) and error.args:
         error = error.args[0]
     text = str(getattr(error, "reason", error))
-    # A ClientApp exception reaches the server as "... occurred. Message: <the site's text>".
+    match = re.search(re.escape(SITE_ERROR_PREFIX) + r" [a-z]+: [^'\"\n(]+", text)
+    if match:
+        return match.group(0).strip()
+    # A ClientApp exception outside fedseg's boundary mod: "... occurred. Message: <text>".
     match = re.search(r"Message: (.+?)(?:\\n|\n|$)", text)
     if match:
         return match.group(1)[:300]

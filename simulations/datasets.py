@@ -101,6 +101,21 @@ class CsvCustomers:
     features: tuple[str, ...] | list[str]
     transform: str = "none"
     label_column: str | None = None
+    clip: dict[str, list[float]] | None = None
+
+    def clip_bounds(self) -> dict[str, tuple[float, float]]:
+        """Return the validated ``data.clip``: feature -> (low, high)."""
+        bounds: dict[str, tuple[float, float]] = {}
+        for name, pair in dict(self.clip or {}).items():
+            if name not in [str(f) for f in self.features]:
+                raise ConfigError(f"data.clip names {name!r}, which is not in data.features "
+                                  f"{[str(f) for f in self.features]}.")
+            values = list(pair)
+            if len(values) != 2 or not float(values[0]) < float(values[1]):
+                raise ConfigError(f"data.clip.{name}={values} should be [low, high] with "
+                                  "low < high.")
+            bounds[str(name)] = (float(values[0]), float(values[1]))
+        return bounds
 
     def feature_specs(self) -> tuple[FeatureSpec, ...]:
         """Return the public feature list (known without reading any data)."""
@@ -116,9 +131,18 @@ class CsvCustomers:
         """Read the declared columns with :func:`client.csv_source.read_customer_csv`."""
         specs = self.feature_specs()
         path = Path(to_absolute_path(self.path)) if _in_hydra() else Path(self.path)
+        bounds = self.clip_bounds()
         cols = read_customer_csv(path, features=specs, site_column=self.site_column,
                                  label_column=self.label_column)
         assert cols.sites is not None
+        clipped = []
+        for j, spec in enumerate(specs):
+            if spec.name in bounds:
+                low, high = bounds[spec.name]
+                outside = int(np.count_nonzero((cols.raw[:, j] < low) | (cols.raw[:, j] > high)))
+                np.clip(cols.raw[:, j], low, high, out=cols.raw[:, j])
+                clipped.append(f"{outside} value(s) of {spec.name!r} clipped to "
+                               f"[{low:g}, {high:g}]")
         labels = None
         names: tuple[str, ...] = ()
         if cols.labels is not None:
@@ -133,7 +157,7 @@ class CsvCustomers:
             description=(
                 f"{path.name}: {cols.raw.shape[0]} customers, {len(specs)} features "
                 f"({self.transform}), {len(np.unique(cols.sites))} values of "
-                f"{self.site_column!r}"
+                f"{self.site_column!r}" + ("; " + "; ".join(clipped) if clipped else "")
             ),
         )
 

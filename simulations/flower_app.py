@@ -1,40 +1,41 @@
 """Flower CLI entry points: ``flwr run .`` on a local simulation federation.
 
 ``pyproject.toml`` names :data:`server_app` and :data:`client_app` as the app's components.
-Flower's run config carries only Hydra overrides (``fedseg-overrides``) and an output
-directory (``fedseg-output-dir``); both apps compose the same ``conf/`` tree with them, so a
-setting means the same thing here as in ``python -m simulations.run``. Each simulated node
-takes the partition given by its ``partition-id``; the server never loads any data (it only
-needs the public feature list and the number of nodes).
+Flower's run config -- chosen by whoever submits the run -- carries Hydra overrides for the
+**server** (``fedseg-overrides``) and the server's output directory (``fedseg-output-dir``).
+The sites never read it: each composes the same ``conf/`` tree with **its own** overrides
+(environment ``FEDSEG_SITE_OVERRIDES``, or node config ``fedseg-site-overrides``) and writes its
+audit log, site log and round ledger under its own directory (``FEDSEG_SITE_DIR`` or node config
+``fedseg-site-dir``, default ``outputs/flwr-sites``). So a submitted run cannot switch a site's
+privacy off, point it at another file or column, or move its logs (docs/SECURITY.md, attack 3).
+Each simulated node takes the partition given by its ``partition-id``; the server never loads
+any data (it only needs the public feature list and the number of nodes).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
-from flwr.client import Client
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from client.app import SiteClient, require_secagg_mod
-from client.audit import make_audit_mod
+from client.app import SiteData, make_client_app
 from common.config import register_configs
 from common.errors import ConfigError
 from server.app import run_federated_kmeans
 from server.coordinator import RoundRecord
 from simulations.datasets import PartitionedSites
-from simulations.run import build_sites, plan_from_config
+from simulations.run import build_sites, plan_from_config, site_policy_from_config
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -49,47 +50,68 @@ def compose_config(overrides: str) -> DictConfig:
         return compose("config", overrides=shlex.split(overrides))
 
 
+SITE_OVERRIDES_ENV, SITE_OVERRIDES_NODE = "FEDSEG_SITE_OVERRIDES", "fedseg-site-overrides"
+SITE_DIR_ENV, SITE_DIR_NODE = "FEDSEG_SITE_DIR", "fedseg-site-dir"
+DEFAULT_SITE_DIR = "outputs/flwr-sites"
+
+
 def _overrides(context: Context) -> str:
+    """Return the server's Hydra overrides (from the run config; never read by a site)."""
     return str(context.run_config.get(OVERRIDES_KEY, ""))
 
 
+def _site_setting(context: Context, node_key: str, env_key: str, default: str) -> str:
+    """Return a site's own setting: its node config first, then its environment."""
+    value = context.node_config.get(node_key)
+    return str(value) if value is not None else os.environ.get(env_key, default)
+
+
 @functools.lru_cache(maxsize=2)
-def _sites(overrides: str, num_nodes: int) -> PartitionedSites:
+def _sites(site_overrides: str, num_nodes: int) -> PartitionedSites:
     """Build every node's partition once per worker process (bounded cache, immutable keys)."""
-    population, parts = build_sites(compose_config(overrides), default_num_sites=num_nodes)
+    population, parts = build_sites(compose_config(site_overrides), default_num_sites=num_nodes)
     return PartitionedSites(parts=tuple(population.raw[p] for p in parts),
                             features=population.features)
 
 
-def _secagg(overrides: str) -> bool:
-    return instantiate(compose_config(overrides).privacy) is not None
+@functools.lru_cache(maxsize=4)
+def _site_app(site_overrides: str, site_dir: str) -> ClientApp:
+    """Build the site's ClientApp from the site's own configuration only."""
+    cfg = compose_config(site_overrides)
+    policy = site_policy_from_config(cfg.site, secagg=None)
+
+    def loader(context: Context) -> SiteData:
+        sites = _sites(site_overrides, int(context.node_config.get("num-partitions", 0)))
+        return sites(context)
+
+    return make_client_app(loader, policy=policy, site_root=site_dir)
 
 
-def _client_fn(context: Context) -> Client:
-    overrides = _overrides(context)
-    sites = _sites(overrides, int(context.node_config.get("num-partitions", 0)))
-    return SiteClient(sites(context), context, secagg=_secagg(overrides)).to_client()
+def _client_main(message: Message, context: Context) -> Message:
+    """Dispatch to the site's app; nothing here depends on the run config."""
+    site_overrides = _site_setting(context, SITE_OVERRIDES_NODE, SITE_OVERRIDES_ENV, "")
+    site_dir = _site_setting(context, SITE_DIR_NODE, SITE_DIR_ENV, DEFAULT_SITE_DIR)
+    return _site_app(site_overrides, site_dir)(message, context)
 
 
-def _privacy_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Apply the site's privacy configuration: SecAgg+ (and refuse plain rounds) or none."""
-    overrides = _overrides(context)
-    if not _secagg(overrides):
-        return call_next(message, context)
-
-    def with_secagg(msg: Message, ctx: Context) -> Message:
-        return secaggplus_mod(msg, ctx, call_next)
-
-    return require_secagg_mod(message, context, with_secagg)
+client_app = ClientApp()
 
 
-def _audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    out = Path(str(context.run_config.get(OUTPUT_KEY, "outputs/flwr-run"))) / "audit"
-    mechanism = "secagg+" if _secagg(_overrides(context)) else "none"
-    return make_audit_mod(out, mechanism=mechanism)(message, context, call_next)
+@client_app.train()
+def _train(message: Message, context: Context) -> Message:
+    return _client_main(message, context)
 
 
-client_app = ClientApp(client_fn=_client_fn, mods=[_audit_mod, _privacy_mod])
+@client_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    return _client_main(message, context)
+
+
+@client_app.query()
+def _query(message: Message, context: Context) -> Message:
+    return _client_main(message, context)
+
+
 server_app = ServerApp()
 
 

@@ -35,6 +35,7 @@ from common.config import register_configs
 from common.errors import ConfigError, FedsegError
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
+from common.site_policy import SitePolicy, policy_summary
 from server.app import FederationPlan, RunResult, make_server_app
 from server.coordinator import KMeansSettings, RoundRecord
 from simulations.datasets import PartitionedSites, Population
@@ -144,6 +145,62 @@ def plan_from_config(
                           config={str(k): v for k, v in resolved.items()})
 
 
+WEAK_FEDERATION_SITES = 3
+"""Below this many sites, each site can read the others' aggregates from the published model."""
+
+
+def site_policy_from_config(node: Any, *, secagg: bool | None) -> SitePolicy:
+    """Build the sites' :class:`SitePolicy` from a ``site`` config node.
+
+    Parameters
+    ----------
+    node : DictConfig or mapping
+        The ``site`` group.
+    secagg : bool or None
+        The simulation's ``privacy`` choice, used when ``site.mechanism`` is null (in a local
+        simulation one operator configures both sides). ``None``: a site on its own, which
+        requires SecAgg+ unless its configuration says otherwise.
+    """
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
+        else node
+    values = {str(k): v for k, v in dict(container).items()}  # type: ignore[arg-type]
+    if values.get("mechanism") is None:
+        values["mechanism"] = "none" if secagg is False else "secagg+"
+    try:
+        return SitePolicy.from_mapping(values, source="site policy (site.*)")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_federation(policy: SitePolicy, sizes: list[int]) -> list[str]:
+    """Refuse a federation the sites' policy would refuse; return warnings for weak ones.
+
+    Parameters
+    ----------
+    policy : SitePolicy
+    sizes : list of int
+        Consenting customers per site.
+    """
+    if len(sizes) < policy.min_sites:
+        raise ConfigError(
+            f"{len(sizes)} sites, but the sites' policy requires at least {policy.min_sites} "
+            f"(site.min_sites): with 2 sites each can subtract its own statistics from the "
+            "published model and read the other's. Add sites, or accept this explicitly with "
+            f"site.min_sites={len(sizes)}.")
+    small = [i for i, n in enumerate(sizes) if n < policy.min_customers]
+    if small:
+        raise ConfigError(
+            f"site(s) {small} hold fewer than {policy.min_customers} customers (site."
+            "min_customers): a tiny site's statistics, read by the other sites from the "
+            "published model, are close to its customers' own records. Use fewer sites "
+            "(federation.num_sites), another partition, or lower site.min_customers.")
+    warnings = []
+    if len(sizes) < WEAK_FEDERATION_SITES:
+        warnings.append(f"only {len(sizes)} sites: each site can subtract itself from the "
+                        "published model and read the other's aggregates.")
+    return warnings
+
+
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
     """Per round, the bytes each site sent (from the sites' audit logs); and message count."""
     per_round_site: dict[tuple[int, str], int] = defaultdict(int)
@@ -164,7 +221,11 @@ def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
 
 
 def run(
-    cfg: DictConfig, *, output_dir: str | Path, client_mods: tuple[Any, ...] = ()
+    cfg: DictConfig,
+    *,
+    output_dir: str | Path,
+    client_mods: tuple[Any, ...] = (),
+    coordinator_factory: Any = None,
 ) -> dict[str, Any]:
     """Run one simulation from a composed config and write its outputs.
 
@@ -176,6 +237,8 @@ def run(
         Where outputs are written (Hydra's run dir for the command line).
     client_mods : tuple of Flower mods
         Extra outermost ClientApp mods (tests use one to record every message).
+    coordinator_factory : callable, optional
+        Builds the server's coordinator (the attack tests play a deviating server with it).
 
     Returns
     -------
@@ -198,6 +261,10 @@ def run(
 
     plan = plan_from_config(cfg, features=population.features, num_sites=num_sites)
     settings, secagg = plan.settings, plan.secagg
+    policy = site_policy_from_config(cfg.site, secagg=secagg is not None)
+    for warning in check_federation(policy, sizes):
+        _say(f"warning: {warning}")
+    _say(f"site policy: {policy_summary(policy)}")
     if secagg is not None:
         q_bits = plan.quantization_range.bit_length() - 1
         _say(f"k={settings.k}, secure aggregation: SecAgg+ (quantization_range=2**{q_bits})")
@@ -207,12 +274,15 @@ def run(
     audit_dir = out / "audit"
     shutil.rmtree(audit_dir, ignore_errors=True)  # a rerun into the same directory starts afresh
     results: list[RunResult] = []
-    server_app = make_server_app(plan, on_result=results.append, on_round=_print_round)
+    server_app = make_server_app(plan, on_result=results.append, on_round=_print_round,
+                                 coordinator_factory=coordinator_factory)
+    for stale in ("site-logs", "site-state"):
+        shutil.rmtree(out / stale, ignore_errors=True)
     client_app = make_client_app(
         PartitionedSites(parts=tuple(population.raw[p] for p in parts),
                          features=population.features),
-        secagg=secagg is not None,
-        audit_dir=str(audit_dir),
+        policy=policy,
+        site_root=str(out),
         extra_mods=client_mods,
     )
     backend_config: dict[str, Any] = {
@@ -304,10 +374,14 @@ def _print_segments(model: Any, population: Population) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+        run(cfg, output_dir=out)
     except FedsegError as exc:
         print(f"fedseg: error: {exc}", file=sys.stderr)
+        if (out / "site-logs").is_dir():
+            print(f"fedseg: each site's full reasons are in its own log: {out / 'site-logs'}",
+                  file=sys.stderr)
         sys.exit(2)
 
 

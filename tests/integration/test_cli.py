@@ -47,7 +47,7 @@ def test_overrides_and_resolved_config_are_written(tmp_path):
 
 
 def test_multirun_sweeps_k(tmp_path):
-    proc = _run("-m", "model.k=3,4", "data.num_customers=2000", "data.num_regions=2",
+    proc = _run("-m", "model.k=3,4", "data.num_customers=2000", "data.num_regions=3",
                 "strategy.n_init=1", f"hydra.sweep.dir={tmp_path}", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ks = sorted(json.loads(p.read_text())["k"] for p in tmp_path.glob("*/summary.json"))

@@ -26,7 +26,11 @@ def test_flwr_run_dot_builds_a_segment_model_with_secagg(tmp_path):
         "options.num-supernodes = 3\n"
     )
     out = tmp_path / "out"
+    sites = tmp_path / "sites"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           # Each site's own configuration: its data and its directory (never the run config).
+           "FEDSEG_SITE_OVERRIDES": "data.num_customers=3000 data.num_regions=3",
+           "FEDSEG_SITE_DIR": str(sites),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run_config = (f'fedseg-overrides="data.num_customers=3000 data.num_regions=3 model.k=4 '
@@ -44,6 +48,7 @@ def test_flwr_run_dot_builds_a_segment_model_with_secagg(tmp_path):
     assert model["privacy"]["secure_aggregation"] == "secagg+"
     assert len(model["segments"]) == 4
     assert sum(s["size"] for s in model["segments"]) > 2500
-    assert sorted(p.name for p in (out / "audit").glob("*.jsonl")) == [
+    assert sorted(p.name for p in (sites / "audit").glob("*.jsonl")) == [
         "site-0.jsonl", "site-1.jsonl", "site-2.jsonl"]
+    assert not (out / "audit").exists()  # the run config does not place a site's logs
     assert "segment model:" in proc.stdout + proc.stderr

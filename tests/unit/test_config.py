@@ -47,7 +47,7 @@ def _settings(cfg: DictConfig) -> KMeansSettings:
 def test_conf_dir_holds_one_folder_per_group():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
-    assert groups == {"data", "partition", "model", "strategy", "privacy", "federation"}
+    assert groups == {"data", "partition", "model", "strategy", "privacy", "federation", "site"}
 
 
 # --- composition --------------------------------------------------------------------------
@@ -197,7 +197,8 @@ def test_privacy_secagg_instantiates(compose):
     privacy = instantiate(compose("privacy=secagg", "privacy.timeout=30").privacy)
 
     assert privacy == SecAggSettings(num_shares=None, reconstruction_threshold=None, timeout=30.0)
-    assert privacy.resolve(5) == (5, 3)
+    assert privacy.resolve(5) == (5, 5)
+    assert privacy.resolve(5, tolerate_dropouts=True) == (5, 4)
 
 
 def test_privacy_none_instantiates_to_none(compose):

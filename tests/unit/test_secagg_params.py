@@ -9,26 +9,58 @@ import pytest
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from common.errors import ConfigError
-from server.app import COMPLETE_GRAPH_MAX_SITES, SecAggSettings, secagg_shares
+from common.secagg_params import (
+    COMPLETE_GRAPH_MAX_SITES,
+    _hypergeom_tail,
+    colluders_to_expose,
+    exposure_probability,
+    neighbourhood_size,
+    threshold_for,
+)
+from server.app import SecAggSettings, secagg_shares
 
 
 @pytest.mark.parametrize("num_sites", [2, 3, 5, 10, 30, 31, 50, 100, 1000, 65536])
-def test_shares_and_threshold_follow_the_documented_rule(num_sites):
-    shares, threshold = secagg_shares(num_sites)
+@pytest.mark.parametrize("tolerate", [False, True])
+def test_shares_and_threshold_follow_the_documented_rule(num_sites, tolerate):
+    shares, threshold = secagg_shares(num_sites, tolerate_dropouts=tolerate)
     assert 2 <= threshold <= shares <= num_sites
     if num_sites <= COMPLETE_GRAPH_MAX_SITES:
         assert shares == num_sites
     else:
-        assert shares % 2 == 1 and shares >= 3 * math.log2(num_sites)
-    if shares >= 3:
-        assert threshold > shares / 2  # a strict majority of the neighbourhood
-    # Dropouts tolerated per neighbourhood:
-    assert shares - threshold == (shares - 1) // 2 or shares == 2
+        assert shares % 2 == 1 or shares == num_sites
+        # The stated bound holds: a run exposes some site with probability <= 2**-40.
+        assert exposure_probability(num_sites, shares, tolerate_dropouts=tolerate,
+                                    collusion_fraction=1 / 3, rounds=50) <= 2.0**-40
+        if shares > 3 and shares < num_sites:  # and it is the smallest odd size that does
+            assert exposure_probability(num_sites, shares - 2, tolerate_dropouts=tolerate,
+                                        collusion_fraction=1 / 3, rounds=50) > 2.0**-40
+    if not tolerate:
+        assert threshold == shares  # no secret can be rebuilt without every neighbour
+    else:
+        assert shares - threshold == (shares - 1) // 3 or shares == 2
 
 
-def test_five_sites_tolerate_two_dropouts_and_two_colluders():
-    shares, threshold = secagg_shares(5)
-    assert (shares, threshold) == (5, 3)
+def test_a_lying_server_needs_more_colluders_than_the_threshold_rule_leaves():
+    # Majority threshold (the old rule) with 5 sites: 2*3 - 5 = 1 colluder sufficed.
+    assert colluders_to_expose(5, 3) == 1
+    assert colluders_to_expose(5, threshold_for(5, tolerate_dropouts=True)) == 3
+    assert colluders_to_expose(5, threshold_for(5, tolerate_dropouts=False)) == 4
+
+
+def test_the_old_three_log2_rule_fails_the_bound_the_new_sizes_meet():
+    old = math.ceil(3 * math.log2(1000)) | 1
+    assert exposure_probability(1000, old, tolerate_dropouts=False, collusion_fraction=1 / 3,
+                                rounds=50) > 2.0**-40
+    assert neighbourhood_size(1000) > old
+
+
+def test_hypergeometric_tail_is_exact_on_small_cases():
+    # 1 of C(49, 16) draws holds all 16 marked items.
+    assert _hypergeom_tail(49, 16, 16, 16) == pytest.approx(1 / math.comb(49, 16), rel=1e-9)
+    assert _hypergeom_tail(10, 3, 4, 0) == pytest.approx(1.0)
+    exact = sum(math.comb(3, i) * math.comb(7, 4 - i) for i in (2, 3)) / math.comb(10, 4)
+    assert _hypergeom_tail(10, 3, 4, 2) == pytest.approx(exact, rel=1e-12)
 
 
 def test_explicit_settings_resolve_and_bad_ones_are_refused():
@@ -94,5 +126,6 @@ def test_impossible_or_ambiguous_neighbourhoods_are_refused(bad):
 
 
 def test_even_neighbourhoods_are_rounded_up_like_flowers_ring():
-    assert SecAggSettings(num_shares=2).resolve(5) == (3, 2)
-    assert SecAggSettings(num_shares=4).resolve(10) == (5, 3)
+    assert SecAggSettings(num_shares=2).resolve(5) == (3, 3)
+    assert SecAggSettings(num_shares=4).resolve(10) == (5, 5)
+    assert SecAggSettings(num_shares=4).resolve(10, tolerate_dropouts=True) == (5, 4)

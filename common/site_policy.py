@@ -1,0 +1,362 @@
+"""What a site agrees to compute, from the site's own configuration -- never from the server.
+
+The server is not trusted with what a site can enforce itself. Every fit instruction carries the
+server's public :class:`RunPlan` (protocol, mask generator, features, k, restarts, candidates,
+rounds); a site checks the plan against its :class:`SitePolicy` and every request of the run
+against the plan with a :class:`SiteSession` **before** it computes anything. A request outside
+the policy raises :class:`~common.errors.SiteRefusal`: its code is all the server learns, the
+full reason goes to the site's own log.
+
+Why each limit exists (attacks in docs/SECURITY.md): a server free to choose phases, repeat the
+profile round and send thousands of centres can isolate customers cell by cell; with a bounded
+number of centres and rounds, a fixed phase order and scaling pinned for the whole run, what a
+run can reveal is bounded by the plan every site agreed to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import SiteRefusal
+from common.protocol import Phase
+from common.secagg_params import (
+    DEFAULT_COLLUSION_FRACTION,
+    DEFAULT_FAILURE_LOG2,
+    neighbourhood_size,
+    threshold_for,
+)
+
+PROTOCOL_ID = "fedseg-kmeans/2"
+"""Version of the round protocol (phases, layouts, encoding with public offset)."""
+
+MECHANISMS = ("secagg+", "none")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's own limits (``site`` config group in simulation; node config in deployment).
+
+    Attributes
+    ----------
+    mechanism : str
+        ``"secagg+"`` (default): statistics leave only inside SecAgg+. ``"none"``: plain replies,
+        an explicit debugging choice.
+    min_sites : int
+        Fewest sites this site takes part with. With 2 sites each can subtract itself from the
+        published model and read the other's aggregates.
+    min_customers : int
+        Fewest consenting customers this site needs before it sends anything: the sum over
+        the other sites minus the published model is this site's contribution.
+    max_k, max_restarts, max_init_candidates, max_init_rounds, max_lloyd_rounds : int
+        Largest plan the site agrees to: centres per request are ``k * restarts`` (Lloyd),
+        ``init_candidates`` (initialisation) and ``k`` (profile).
+    max_rounds_per_day : int
+        Rounds this site answers in any 24 hours, over all runs (limits reruns and differencing).
+    tolerate_dropouts : bool
+        False (default): the SecAgg+ threshold must equal the neighbourhood (no secret can be
+        rebuilt without every neighbour) and an unmask request may list no dropped site.
+        True: up to ``floor((s - 1) / 3)`` dropped neighbours with ``t = s - that``.
+    collusion_fraction : float
+        Fraction of sites assumed to collude with the server, for neighbourhoods above 30 sites.
+    failure_log2 : int
+        Accepted probability ``2**-failure_log2`` that a run's neighbourhoods expose a site.
+    """
+
+    mechanism: str = "secagg+"
+    min_sites: int = 3
+    min_customers: int = 20
+    max_k: int = 20
+    max_restarts: int = 10
+    max_init_candidates: int = 200
+    max_init_rounds: int = 10
+    max_lloyd_rounds: int = 100
+    max_rounds_per_day: int = 1000
+    tolerate_dropouts: bool = False
+    collusion_fraction: float = DEFAULT_COLLUSION_FRACTION
+    failure_log2: int = DEFAULT_FAILURE_LOG2
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"site.mechanism={self.mechanism!r} should be one of {MECHANISMS}.")
+        for name in ("min_sites", "min_customers", "max_k", "max_restarts",
+                     "max_init_candidates", "max_init_rounds", "max_lloyd_rounds",
+                     "max_rounds_per_day", "failure_log2"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"site.{name}={getattr(self, name)} should be >= 1.")
+        if self.min_sites < 2:
+            raise ValueError(f"site.min_sites={self.min_sites} should be >= 2.")
+        if not 0.0 <= self.collusion_fraction < 1.0:
+            raise ValueError(
+                f"site.collusion_fraction={self.collusion_fraction} should be in [0, 1).")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> SitePolicy:
+        """Build a policy from a mapping (YAML file, Hydra node), naming unknown keys.
+
+        Parameters
+        ----------
+        values : mapping
+        source : str
+            Where the values came from, for error messages.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown site policy key(s) {unknown}; expected some of "
+                             f"{sorted(known)}.")
+        try:
+            return cls(**dict(values))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+
+    @property
+    def max_rounds_per_run(self) -> int:
+        """Moments + initialisation + Lloyd + profile rounds at most."""
+        return 2 + self.max_init_rounds + self.max_lloyd_rounds
+
+    def required_secagg(self, num_sites: int) -> tuple[int, int]:
+        """Smallest neighbourhood and threshold this site accepts for ``num_sites`` sites."""
+        shares = neighbourhood_size(
+            num_sites, tolerate_dropouts=self.tolerate_dropouts,
+            collusion_fraction=self.collusion_fraction, failure_log2=self.failure_log2,
+            rounds=self.max_rounds_per_run)
+        return shares, threshold_for(shares, tolerate_dropouts=self.tolerate_dropouts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (recorded in the site's log)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The server's public plan of a run, announced with every instruction.
+
+    Attributes
+    ----------
+    features : tuple of str
+        Feature names in order; must equal the site's own features.
+    k, n_init, init_candidates, init_rounds, max_rounds : int
+        Segments, parallel restarts, candidate centres (0 with ``init="random"``),
+        initialisation rounds, Lloyd rounds at most.
+    init : str
+        ``"summary"`` or ``"random"``.
+    num_sites : int
+        Sites the server plans for.
+    protocol, prg : str
+        Round protocol and SecAgg+ mask generator identifiers.
+    """
+
+    features: tuple[str, ...]
+    k: int
+    n_init: int
+    init: str
+    init_candidates: int
+    init_rounds: int
+    max_rounds: int
+    num_sites: int
+    protocol: str = PROTOCOL_ID
+    prg: str = ""
+
+    def to_json(self) -> str:
+        """Canonical JSON (what travels in the instruction's config)."""
+        return json.dumps({**asdict(self), "features": list(self.features)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: object) -> RunPlan:
+        """Parse an announced plan; any malformation is a protocol refusal."""
+        try:
+            raw = json.loads(str(text))
+            known = {f.name for f in fields(cls)}
+            if not isinstance(raw, dict) or set(raw) != known:
+                raise ValueError("unexpected keys")
+            plan = cls(**{**raw, "features": tuple(str(f) for f in raw["features"])})
+            for name in ("k", "n_init", "init_candidates", "init_rounds", "max_rounds",
+                         "num_sites"):
+                value = getattr(plan, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{name}={value!r}")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SiteRefusal("protocol", f"malformed run plan in the instruction ({exc}).") \
+                from exc
+        return plan
+
+    def check_against(self, policy: SitePolicy, *, features: tuple[str, ...], prg: str) -> None:
+        """Refuse a plan outside ``policy`` or inconsistent with the site itself."""
+        if self.protocol != PROTOCOL_ID:
+            raise SiteRefusal("protocol", f"server speaks protocol {self.protocol!r}; this "
+                              f"site speaks {PROTOCOL_ID!r}.")
+        if policy.mechanism == "secagg+" and self.prg != prg:
+            raise SiteRefusal("secagg", f"server masks with {self.prg!r}; this site masks "
+                              f"with {prg!r}: the sum could not be unmasked.")
+        if tuple(self.features) != tuple(features):
+            raise SiteRefusal("policy", f"server asks for features {list(self.features)}; this "
+                              f"site's data configuration declares {list(features)}.")
+        if self.init not in ("summary", "random"):
+            raise SiteRefusal("protocol", f"unknown initialisation {self.init!r}.")
+        limits = [
+            ("k", self.k, policy.max_k), ("n_init", self.n_init, policy.max_restarts),
+            ("init_candidates", self.init_candidates, policy.max_init_candidates),
+            ("init_rounds", self.init_rounds, policy.max_init_rounds),
+            ("max_rounds", self.max_rounds, policy.max_lloyd_rounds),
+        ]
+        for name, value, limit in limits:
+            if value > limit:
+                raise SiteRefusal("policy", f"plan {name}={value} exceeds this site's limit "
+                                  f"{limit}.")
+        if self.k < 2 or self.n_init < 1 or self.max_rounds < 1:
+            raise SiteRefusal("protocol", f"plan k={self.k}, n_init={self.n_init}, "
+                              f"max_rounds={self.max_rounds} is not a k-means run.")
+        if self.init == "summary" and (self.init_candidates < self.k or self.init_rounds < 1):
+            raise SiteRefusal("protocol", "summary initialisation needs >= k candidates and "
+                              ">= 1 round.")
+        if self.init == "random" and (self.init_candidates or self.init_rounds):
+            raise SiteRefusal("protocol", "random initialisation has no candidate rounds.")
+        if self.num_sites < policy.min_sites:
+            raise SiteRefusal("federation", f"the server plans {self.num_sites} sites; this "
+                              f"site takes part with at least {policy.min_sites}.")
+
+
+def _digest(*arrays: NDArray[np.float64]) -> str:
+    h = hashlib.sha256()
+    for arr in arrays:
+        a = np.ascontiguousarray(arr, dtype="<f8")
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class SiteSession:
+    """One run as this site has answered it so far; refuses any deviation from the plan.
+
+    The state is a small JSON document (:meth:`to_json`) kept in the node's Flower context.
+
+    Attributes
+    ----------
+    plan : str
+        The plan pinned at the first request (canonical JSON), or ``""`` before it.
+    counts : dict
+        Requests admitted per phase.
+    last : str
+        Phase of the last admitted request.
+    scaling : str
+        Digest of the mean/std pinned at the first request that carries them.
+    """
+
+    plan: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    last: str = ""
+    scaling: str = ""
+
+    def to_json(self) -> str:
+        """Serialise for the node's context."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SiteSession:
+        """Restore from :meth:`to_json` (an empty session when ``text`` is empty)."""
+        if not text:
+            return cls()
+        return cls(**json.loads(text))
+
+    def admit(
+        self,
+        plan: RunPlan,
+        phase: Phase,
+        instruction: list[NDArray[np.float64]],
+        *,
+        groups: int,
+    ) -> None:
+        """Admit one request or raise :class:`SiteRefusal`; on success, record it.
+
+        Parameters
+        ----------
+        plan : RunPlan
+            The plan announced with this request (already checked against the policy).
+        phase : Phase
+        instruction : list of ndarray
+            ``[]`` for moments, ``[mean, std, centres]`` afterwards.
+        groups : int
+            Independent centre sets announced for the request.
+        """
+        announced = plan.to_json()
+        if self.plan and announced != self.plan:
+            raise SiteRefusal("protocol", "the run plan changed in the middle of the run.")
+        done = {p: self.counts.get(p.value, 0) for p in Phase}
+        if done[Phase.PROFILE]:
+            raise SiteRefusal("protocol", "the run's profile round was already answered; "
+                              "nothing more is computed in this run.")
+        allowed = self._allowed_next(plan, done)
+        if phase not in allowed:
+            raise SiteRefusal("protocol", f"phase {phase.value!r} is not allowed after "
+                              f"{self.last or 'the start of the run'!r} (allowed: "
+                              f"{[p.value for p in allowed]}).")
+        if phase is Phase.MOMENTS:
+            if instruction or groups != 1:
+                raise SiteRefusal("protocol", "the moments phase carries no arrays.")
+        else:
+            self._check_arrays(plan, phase, instruction, groups=groups)
+        self.plan = announced
+        self.counts[phase.value] = done[phase] + 1
+        self.last = phase.value
+
+    @staticmethod
+    def _allowed_next(plan: RunPlan, done: dict[Phase, int]) -> list[Phase]:
+        """Phases that may come next: never back in the phase order, each within its cap.
+
+        A site that dropped out of some rounds may rejoin at a later phase of the same run
+        (it then answers fewer requests, never more): what bounds the server is the count of
+        each phase, the order, and one profile round.
+        """
+        caps = {Phase.MOMENTS: 1, Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds,
+                Phase.PROFILE: 1}
+        order = list(Phase)
+        reached = max((i for i, p in enumerate(order) if done[p]), default=0)
+        return [p for i, p in enumerate(order) if i >= reached and done[p] < caps[p]]
+
+    def _check_arrays(
+        self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
+        groups: int,
+    ) -> None:
+        d = len(plan.features)
+        if len(instruction) != 3:
+            raise SiteRefusal("protocol", f"phase {phase.value} needs [mean, std, centres]; "
+                              f"got {len(instruction)} arrays.")
+        mean, std, centres = (np.asarray(a, dtype=np.float64) for a in instruction)
+        expected_centres, expected_groups = {
+            Phase.INIT: (plan.init_candidates, 1),
+            Phase.LLOYD: (plan.k * plan.n_init, plan.n_init),
+            Phase.PROFILE: (plan.k, 1),
+        }[phase]
+        if mean.shape != (d,) or std.shape != (d,) or centres.shape != (expected_centres, d):
+            raise SiteRefusal("protocol", f"phase {phase.value}: arrays of shapes "
+                              f"{[mean.shape, std.shape, centres.shape]}; the plan allows "
+                              f"[({d},), ({d},), ({expected_centres}, {d})].")
+        if groups != expected_groups:
+            raise SiteRefusal("protocol", f"phase {phase.value}: {groups} centre groups; the "
+                              f"plan has {expected_groups}.")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))
+                and np.all(np.isfinite(centres)) and np.all(std > 0)):
+            raise SiteRefusal("protocol", "non-finite centres or scaling, or a std <= 0.")
+        digest = _digest(mean, std)
+        if self.scaling and digest != self.scaling:
+            raise SiteRefusal("protocol", "the global scaling changed within the run; it is "
+                              "fixed by the moments round.")
+        self.scaling = digest
+
+
+def policy_summary(policy: SitePolicy) -> str:
+    """One line describing the policy (for progress output and the site log)."""
+    return (f"mechanism={policy.mechanism}, min_sites={policy.min_sites}, "
+            f"min_customers={policy.min_customers}, k<={policy.max_k}, "
+            f"restarts<={policy.max_restarts}, candidates<={policy.max_init_candidates}, "
+            f"rounds/run<={policy.max_rounds_per_run}, rounds/day<={policy.max_rounds_per_day}, "
+            f"dropouts {'tolerated' if policy.tolerate_dropouts else 'stop the run'}")
+
