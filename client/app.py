@@ -186,7 +186,7 @@ def check_encodable(
     Parameters
     ----------
     arrays : sequence of ndarray
-        Statistics about to be encoded; a last axis of ``len(features)`` is read per feature.
+        Statistics about to be encoded; a 2-D array's columns are the features.
     features : tuple of FeatureSpec
     what : str
         What the arrays are, for the message (e.g. ``"lloyd statistics"``).
@@ -197,8 +197,8 @@ def check_encodable(
         bad = ~np.isfinite(values) | (values >= MAX_ABS_VALUE)
         if not bad.any():
             continue
-        if values.ndim >= 1 and values.shape[-1] == d and d > 1:
-            column = int(np.argwhere(bad)[0][-1])
+        if values.ndim == 2 and values.shape[1] == d:  # (centres or 1, features)
+            column = int(np.argwhere(bad)[0][1])
             name = features[column].name
             raise SiteRefusal(
                 "range",
@@ -287,7 +287,10 @@ class SiteClient(NumPyClient):
         if phase is Phase.MOMENTS:
             check_site_range(self.site)
         reply = site_statistics(self.site, phase, parameters, groups=groups)
-        check_encodable(reply, self.site.features, what=f"{phase.value} statistics")
+        # Moments are 1-D per feature: shown as one row so a refusal names the feature.
+        check_encodable([a[None, :] if phase is Phase.MOMENTS and a.shape == (d,) else a
+                         for a in reply for d in [len(self.site.features)]],
+                        self.site.features, what=f"{phase.value} statistics")
         if codec is not None:
             reply = codec.encode(reply)
         return reply, 1, {}

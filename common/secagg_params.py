@@ -48,6 +48,9 @@ DEFAULT_COLLUSION_FRACTION = 1.0 / 3.0
 SEARCH_MAX_SHARES = 201
 """Largest neighbourhood searched below the complete graph."""
 
+ROUNDS_COVERED = 200
+"""Rounds per run the union bound covers (server and sites must derive the same size)."""
+
 DEFAULT_FAILURE_LOG2 = 40
 """A run exposes some honest site with probability at most ``2**-40`` (union bound)."""
 
@@ -131,7 +134,7 @@ def neighbourhood_size(
     tolerate_dropouts: bool = False,
     collusion_fraction: float = DEFAULT_COLLUSION_FRACTION,
     failure_log2: int = DEFAULT_FAILURE_LOG2,
-    rounds: int = 50,
+    rounds: int = ROUNDS_COVERED,
 ) -> int:
     """Smallest safe SecAgg+ neighbourhood for ``num_sites`` sites (see the module docstring).
 
@@ -142,8 +145,9 @@ def neighbourhood_size(
     tolerate_dropouts : bool, default=False
     collusion_fraction : float, default=1/3
     failure_log2 : int, default=40
-    rounds : int, default=50
-        Rounds of a run covered by the bound.
+    rounds : int, default=ROUNDS_COVERED
+        Rounds of a run covered by the bound (the same on both sides, so that the server's
+        choice meets every site's default requirement).
 
     Returns
     -------

@@ -125,8 +125,7 @@ class SitePolicy:
         """Smallest neighbourhood and threshold this site accepts for ``num_sites`` sites."""
         shares = neighbourhood_size(
             num_sites, tolerate_dropouts=self.tolerate_dropouts,
-            collusion_fraction=self.collusion_fraction, failure_log2=self.failure_log2,
-            rounds=self.max_rounds_per_run)
+            collusion_fraction=self.collusion_fraction, failure_log2=self.failure_log2)
         return shares, threshold_for(shares, tolerate_dropouts=self.tolerate_dropouts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -52,9 +52,7 @@ SECAGG_MODULES = (
 mask_prg.install(*SECAGG_MODULES)
 
 
-def secagg_shares(
-    num_sites: int, *, tolerate_dropouts: bool = False, rounds: int = 50
-) -> tuple[int, int]:
+def secagg_shares(num_sites: int, *, tolerate_dropouts: bool = False) -> tuple[int, int]:
     """Choose the SecAgg+ neighbourhood size and reconstruction threshold for ``num_sites``.
 
     The derivation (what a lying server and its colluders need, the hypergeometric bound for
@@ -68,14 +66,12 @@ def secagg_shares(
     tolerate_dropouts : bool, default=False
         Whether the run uses rounds with dropped sites (``strategy.accept_partial_rounds``).
         Without, the threshold is the whole neighbourhood.
-    rounds : int, default=50
-        Rounds of the run, for the union bound.
 
     Returns
     -------
     (num_shares, threshold) : tuple of int
     """
-    shares = neighbourhood_size(num_sites, tolerate_dropouts=tolerate_dropouts, rounds=rounds)
+    shares = neighbourhood_size(num_sites, tolerate_dropouts=tolerate_dropouts)
     return shares, threshold_for(shares, tolerate_dropouts=tolerate_dropouts)
 
 
@@ -102,9 +98,7 @@ class SecAggSettings:
     reconstruction_threshold: float | None = None
     timeout: float | None = None
 
-    def resolve(
-        self, num_sites: int, *, tolerate_dropouts: bool = False, rounds: int = 50
-    ) -> tuple[int, int]:
+    def resolve(self, num_sites: int, *, tolerate_dropouts: bool = False) -> tuple[int, int]:
         """Return the ``(num_shares, threshold)`` Flower will use for ``num_sites`` sites.
 
         Flower builds each neighbourhood as a ring of ``2 * (s // 2) + 1`` sites, so an even
@@ -114,8 +108,7 @@ class SecAggSettings:
         if num_sites == 2:
             shares = 2  # two sites: each is the other's only neighbour
         elif self.num_shares is None:
-            shares = secagg_shares(num_sites, tolerate_dropouts=tolerate_dropouts,
-                                   rounds=rounds)[0]
+            shares = secagg_shares(num_sites, tolerate_dropouts=tolerate_dropouts)[0]
         else:
             shares = _count_or_fraction(self.num_shares, num_sites, "privacy.num_shares")
             if shares < num_sites and shares % 2 == 0:
@@ -191,8 +184,7 @@ class FederationPlan:
         """``(num_shares, threshold)`` in force for this plan (SecAgg+ only)."""
         assert self.secagg is not None
         return self.secagg.resolve(
-            self.num_sites, tolerate_dropouts=self.settings.accept_partial_rounds,
-            rounds=self.max_rounds)
+            self.num_sites, tolerate_dropouts=self.settings.accept_partial_rounds)
 
     def run_plan(self, *, prg: str) -> RunPlan:
         """Return the public plan announced to sites with every instruction (they check it)."""

@@ -31,10 +31,10 @@ def test_shares_and_threshold_follow_the_documented_rule(num_sites, tolerate):
         assert shares % 2 == 1 or shares == num_sites
         # The stated bound holds: a run exposes some site with probability <= 2**-40.
         assert exposure_probability(num_sites, shares, tolerate_dropouts=tolerate,
-                                    collusion_fraction=1 / 3, rounds=50) <= 2.0**-40
+                                    collusion_fraction=1 / 3, rounds=200) <= 2.0**-40
         if shares > 3 and shares < num_sites:  # and it is the smallest odd size that does
             assert exposure_probability(num_sites, shares - 2, tolerate_dropouts=tolerate,
-                                        collusion_fraction=1 / 3, rounds=50) > 2.0**-40
+                                        collusion_fraction=1 / 3, rounds=200) > 2.0**-40
     if not tolerate:
         assert threshold == shares  # no secret can be rebuilt without every neighbour
     else:
@@ -53,6 +53,15 @@ def test_the_old_three_log2_rule_fails_the_bound_the_new_sizes_meet():
     assert exposure_probability(1000, old, tolerate_dropouts=False, collusion_fraction=1 / 3,
                                 rounds=50) > 2.0**-40
     assert neighbourhood_size(1000) > old
+
+
+@pytest.mark.parametrize("num_sites", [31, 50, 100, 1000])
+@pytest.mark.parametrize("tolerate", [False, True])
+def test_the_server_default_meets_every_default_site_policy(num_sites, tolerate):
+    from common.site_policy import SitePolicy
+
+    assert secagg_shares(num_sites, tolerate_dropouts=tolerate) == \
+        SitePolicy(tolerate_dropouts=tolerate).required_secagg(num_sites)
 
 
 def test_hypergeometric_tail_is_exact_on_small_cases():
