@@ -6,11 +6,13 @@ message naming the key, instead of deep inside a run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from common.site_policy import SitePolicy
 
 
 @dataclass
@@ -97,27 +99,26 @@ class NoPrivacyConfig:
     _target_: str = "server.app.no_secure_aggregation"
 
 
-@dataclass
-class SitePolicyConfig:
-    """Each site's own policy (``common.site_policy.SitePolicy``): what it agrees to compute.
+def _site_policy_schema() -> type:
+    """Build the ``site`` schema from :class:`SitePolicy`'s fields (one source of truth).
 
     In a local simulation one operator configures the server and every site, so this group
     sits beside the others; a deployed site reads it from its own node configuration, never
     from the run config. ``mechanism: null`` follows ``privacy`` (simulation only).
     """
+    hints = get_type_hints(SitePolicy)
+    specs = [
+        (f.name, str | None, field(default=None)) if f.name == "mechanism"
+        else (f.name, hints[f.name], field(default=f.default))
+        for f in fields(SitePolicy)
+    ]
+    schema = make_dataclass("SitePolicyConfig", specs)
+    schema.__doc__ = _site_policy_schema.__doc__
+    return schema
 
-    mechanism: str | None = None
-    min_sites: int = 3
-    min_customers: int = 20
-    max_k: int = 20
-    max_restarts: int = 10
-    max_init_candidates: int = 200
-    max_init_rounds: int = 10
-    max_lloyd_rounds: int = 100
-    max_rounds_per_day: int = 1000
-    tolerate_dropouts: bool = False
-    collusion_fraction: float = 1.0 / 3.0
-    failure_log2: int = 40
+
+SitePolicyConfig = _site_policy_schema()
+"""Each site's own policy (``common.site_policy.SitePolicy``), as a Hydra schema."""
 
 
 @dataclass
@@ -139,7 +140,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: Any = MISSING
     federation: FederationConfig = field(default_factory=FederationConfig)
-    site: SitePolicyConfig = field(default_factory=SitePolicyConfig)
+    site: Any = field(default_factory=SitePolicyConfig)
     seed: int = 0
     verbose: bool = False
     centralized_reference: bool = True
