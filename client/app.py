@@ -11,7 +11,9 @@ Every message the site sends is recorded in its audit log (:mod:`client.audit`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,10 +32,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from numpy.typing import NDArray
 
-from client.audit import make_boundary_mod
+from client.audit import PRIVACY_RECORD, make_boundary_mod
 from client.secagg_guard import make_secagg_guard_mod
 from client.site_files import SiteFiles, site_id
 from common import mask_prg
+from common.dp import NoiseSource, epsilon_spent, honest_sites, noisy_round
 from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
@@ -59,6 +62,7 @@ mask_prg.install(*SECAGG_MODULES)
 
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""
+
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ def check_encodable(
                 f"feature {name!r}: this site's {what} reach {float(values.max()):.3g} (limit of "
                 f"the secure-sum encoding: {MAX_ABS_VALUE:.3g}). Declare clip bounds for "
                 f"{name!r} in the site's data configuration (data.clip, e.g. "
-                f"data.clip.{name}=[low,high]) or transform it (log1p).",
+                f"+data.clip.{name}=[low,high] on the command line) or transform it (log1p).",
             )
         raise SiteRefusal("range", f"this site's {what} hold a count or cost of "
                           f"{float(values.max()):.3g}, beyond the encoding's limit "
@@ -236,7 +240,11 @@ class SiteClient(NumPyClient):
     policy : SitePolicy
         The site's own policy (never taken from the server or the run config).
     site_root : str or Path, optional
-        The site's directory (round ledger); ``None`` keeps no ledger (unit tests).
+        The site's directory (round and privacy ledgers); ``None`` keeps no ledger (unit
+        tests) and answers no DP run.
+    noise_seed : bytes, optional
+        Tests only: seeds the site's DP noise. ``None`` (always, outside tests) draws a fresh
+        key from the operating system for every reply.
     """
 
     def __init__(
@@ -246,12 +254,14 @@ class SiteClient(NumPyClient):
         *,
         policy: SitePolicy,
         site_root: str | Path | None = None,
+        noise_seed: bytes | None = None,
     ) -> None:
         self.site = site
         self.context = context
         self.policy = policy
         self.secagg = policy.mechanism == "secagg+"
         self.files = None if site_root is None else SiteFiles(Path(site_root), site_id(context))
+        self.noise_seed = noise_seed
 
     def _session(self) -> SiteSession:
         record = self.context.state.config_records.get(SESSION_RECORD)
@@ -273,17 +283,67 @@ class SiteClient(NumPyClient):
                               f"policy requires {self.policy.min_customers} (site.min_customers) "
                               "before it contributes to any sum.")
         session = self._session()
+        done = dict(session.counts)
         session.admit(plan, phase, [np.asarray(a) for a in parameters], groups=groups)
+        if plan.dp:
+            self._charge_privacy(plan, phase, done)
         if self.files is not None:
             self.files.admit_round(max_per_day=self.policy.max_rounds_per_day)
         self.context.state.config_records[SESSION_RECORD] = ConfigRecord(
             {"session": session.to_json()})
         return phase, groups
 
+    def _charge_privacy(self, plan: RunPlan, phase: Phase, done: dict[str, int]) -> None:
+        """Check the rest of the run against this site's budget; record this release first.
+
+        The site's own accountant (``dp_accounting``, :func:`common.dp.epsilon_spent`) composes
+        every release in its ledger with every round this run still plans, this one included.
+        If that exceeds ``(site.dp_epsilon, site.dp_delta)`` the request is refused before
+        anything is computed -- at the run's first request when the plan itself is too
+        expensive. Otherwise the release is written to the ledger (on disk) before it is made.
+        """
+        if self.files is None:
+            raise SiteRefusal("policy", "this site keeps no privacy ledger; it answers no DP "
+                              "run.")
+        dp = plan.dp_plan()
+        spent = self.files.privacy_events()
+        remaining = [dp.sigma[p] for p, n in dp.rounds.items()
+                     for _ in range(max(0, n - done.get(p, 0)))]
+        budget_eps, budget_delta = self.policy.dp_epsilon, self.policy.dp_delta
+        needed = epsilon_spent(spent + remaining, budget_delta)
+        if needed > budget_eps * (1 + 1e-9):
+            already = epsilon_spent(spent, budget_delta)
+            raise SiteRefusal(
+                "budget", f"answering the rest of this run would bring this site's privacy "
+                f"loss to epsilon={needed:.4f} at delta={budget_delta:g}; its budget is "
+                f"epsilon={budget_eps:g} (site.dp_epsilon) and {already:.4f} is already spent "
+                f"over {len(spent)} release(s) (ledger {self.files.privacy_ledger}).")
+        sigma = dp.sigma[phase.value]
+        after = epsilon_spent([*spent, sigma], budget_delta)
+        self.files.record_release({
+            "at": time.time(), "run": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
+            "phase": phase.value, "noise_multiplier": sigma, "epsilon_after": after,
+            "delta": budget_delta})
+        self.context.state.config_records[PRIVACY_RECORD] = ConfigRecord({
+            "epsilon_spent": after, "delta": budget_delta, "epsilon_budget": budget_eps,
+            "noise_multiplier": sigma})
+
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict]:
         """Return the statistics of the requested phase, ``num_examples=1``, no metrics."""
         phase, groups = self.admit(config, parameters)
         codec = codec_from_secagg_state(self.context) if self.secagg else None
+        plan = RunPlan.from_json(config.get(PLAN_KEY))
+        if plan.dp:
+            if codec is None:
+                raise SiteRefusal("policy", "a DP run needs SecAgg+ (site.mechanism).")
+            honest = honest_sites(
+                plan.num_sites, dropouts=self.policy.dropouts_tolerated(plan.num_sites),
+                collusion_fraction=self.policy.collusion_fraction)
+            words, _ = noisy_round(phase, plan.dp_plan(), transformed=self.site.transformed,
+                                   features=self.site.features,
+                                   instruction=[np.asarray(a) for a in parameters],
+                                   honest=honest, noise=NoiseSource(self.noise_seed))
+            return codec.encode_words(words), 1, {}
         if phase is Phase.MOMENTS:
             check_site_range(self.site)
         reply = site_statistics(self.site, phase, parameters, groups=groups)
@@ -328,6 +388,7 @@ def make_client_app(
     policy: SitePolicy,
     site_root: str | Path,
     extra_mods: Sequence[Mod] = (),
+    noise_seed: bytes | None = None,
 ) -> ClientApp:
     """Build the site ClientApp.
 
@@ -342,11 +403,13 @@ def make_client_app(
         The site's directory: audit log, site log, round ledger (:class:`SiteFiles`).
     extra_mods : sequence of Mod
         Outermost mods (tests record every outgoing message with one).
+    noise_seed : bytes, optional
+        Tests only: seeds the sites' DP noise (no configuration key reaches it).
     """
 
     def client_fn(context: Context) -> Client:
         return SiteClient(site_loader(context), context, policy=policy,
-                          site_root=site_root).to_client()
+                          site_root=site_root, noise_seed=noise_seed).to_client()
 
     mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism)]
     if policy.mechanism == "secagg+":

@@ -82,6 +82,16 @@ def incoming_stage(message: Message) -> str | None:
     return None
 
 
+PRIVACY_RECORD = "fedseg.privacy"
+"""Key of the site's privacy spend after its last DP release, in the node's context state."""
+
+
+def privacy_state(context: Context) -> dict[str, Any] | None:
+    """Return the site's DP spend so far (epsilon, delta, budget, last multiplier), if any."""
+    record = context.state.config_records.get(PRIVACY_RECORD)
+    return None if record is None else {str(k): v for k, v in record.items()}
+
+
 def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
     """Return the site's outermost mod: sanitise errors, then audit whatever leaves.
 
@@ -125,6 +135,7 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
             "in_type": message.metadata.message_type,
             "mechanism": mechanism if message.metadata.message_type == "train" else "none",
             "error_code": code,
+            "privacy": privacy_state(context),
             **describe_message(reply),
         }
         try:

@@ -1,13 +1,16 @@
-"""Where a site keeps what it writes: audit log, full-detail site log, round ledger.
+"""Where a site keeps what it writes: audit log, site log, round ledger, privacy ledger.
 
 Everything here stays at the site. The audit log records what left (never a value); the site
 log holds the full reason of every refusal or error (it may name local values, so it never
-leaves); the round ledger counts the rounds answered in the last 24 hours, over all runs.
+leaves); the round ledger counts the rounds answered in the last 24 hours, over all runs; the
+privacy ledger holds every differentially private release the site ever made (its noise
+multiplier), so its budget survives restarts and spans runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +57,42 @@ class SiteFiles:
     def ledger(self) -> Path:
         """One timestamp per round answered (rounds-per-day limit)."""
         return self.root / "site-state" / f"site-{self.site}-rounds.log"
+
+    @property
+    def privacy_ledger(self) -> Path:
+        """JSON lines: one per DP release (noise multiplier, run, round, phase, time)."""
+        return self.root / "site-state" / f"site-{self.site}-privacy.jsonl"
+
+    def privacy_events(self) -> list[float]:
+        """Noise multipliers of every release recorded so far.
+
+        An unreadable line is not skipped: under-counting would overspend the budget, so the
+        site refuses until its operator repairs the file (the site log names the line).
+        """
+        if not self.privacy_ledger.is_file():
+            return []
+        events = []
+        lines = self.privacy_ledger.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                value = float(json.loads(line)["noise_multiplier"])
+                if not value > 0:
+                    raise ValueError(value)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SiteRefusal("budget", f"privacy ledger {self.privacy_ledger} line "
+                                  f"{number} is unreadable ({exc!r}); no release until it is "
+                                  "repaired (never delete it: it is the site's budget).") \
+                    from exc
+            events.append(value)
+        return events
+
+    def record_release(self, entry: dict[str, object]) -> None:
+        """Append one release to the privacy ledger, on disk before anything is sent."""
+        self.privacy_ledger.parent.mkdir(parents=True, exist_ok=True)
+        with self.privacy_ledger.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def log(self, event: str, detail: str, *, exc: BaseException | None = None) -> None:
         """Append one entry to the site log (with the traceback of ``exc`` if given)."""

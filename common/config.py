@@ -93,6 +93,25 @@ class SecAggPrivacyConfig:
 
 
 @dataclass
+class SecAggDpPrivacyConfig:
+    """SecAgg+ plus customer-level DP held by the sites (``privacy=secagg_dp``, the default)."""
+
+    _target_: str = "server.app.SecAggDpSettings"
+    num_shares: float | None = None
+    reconstruction_threshold: float | None = None
+    timeout: float | None = None
+    epsilon: float = 1.0
+    delta: float = 1e-6
+    init_candidates: int = 40
+    init_rounds: int = 1
+    lloyd_rounds: int = 3
+    clip: float = 2.5
+    count_share: float = 0.1
+    split: dict[str, float] = field(default_factory=lambda: {
+        "moments": 0.06, "init": 0.24, "lloyd": 0.42, "profile": 0.28})
+
+
+@dataclass
 class NoPrivacyConfig:
     """No secure aggregation: sites send plain statistics (``privacy=none``, explicit)."""
 
@@ -104,11 +123,14 @@ def _site_policy_schema() -> type:
 
     In a local simulation one operator configures the server and every site, so this group
     sits beside the others; a deployed site reads it from its own node configuration, never
-    from the run config. ``mechanism: null`` follows ``privacy`` (simulation only).
+    from the run config. ``mechanism``, ``require_dp``, ``dp_epsilon`` and ``dp_delta`` set to
+    null follow ``privacy`` (simulation only).
     """
     hints = get_type_hints(SitePolicy)
+    follows = {"mechanism": str | None, "require_dp": bool | None, "dp_epsilon": float | None,
+               "dp_delta": float | None}
     specs = [
-        (f.name, str | None, field(default=None)) if f.name == "mechanism"
+        (f.name, follows[f.name], field(default=None)) if f.name in follows
         else (f.name, hints[f.name], field(default=f.default))
         for f in fields(SitePolicy)
     ]
@@ -159,5 +181,6 @@ def register_configs() -> None:
     cs.store(group="strategy", name="kmeans_schema", node=StrategyConfig)
     cs.store(group="privacy", name="secagg_schema", node=SecAggPrivacyConfig)
     cs.store(group="privacy", name="none_schema", node=NoPrivacyConfig)
+    cs.store(group="privacy", name="secagg_dp_schema", node=SecAggDpPrivacyConfig)
     cs.store(group="federation", name="simulation_schema", node=FederationConfig)
     cs.store(group="site", name="policy_schema", node=SitePolicyConfig)

@@ -25,7 +25,9 @@ class Phase(StrEnum):
     """Per-segment statistics at the final centroids -> the segment model."""
 
 
-def reply_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list[tuple[int, ...]]:
+def reply_shapes(
+    phase: Phase, *, n_centres: int, n_features: int, dp: bool = False
+) -> list[tuple[int, ...]]:
     """Public shapes of a site's (unencoded) reply in ``phase``.
 
     Parameters
@@ -35,10 +37,15 @@ def reply_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list[tuple
         Centres the site was sent (candidates in ``init``, ``k`` afterwards); unused for
         ``moments``.
     n_features : int
+    dp : bool, default=False
+        Differentially private layout (:mod:`common.dp`): cluster rounds release only clipped
+        offset sums and counts ``[(k, d), (k,)]``, the profile ``[(k,), (k, d)]``.
     """
     k, d = n_centres, n_features
     if phase is Phase.MOMENTS:
         return [(1,), (d,), (d,)]
+    if dp:
+        return [(k,), (k, d)] if phase is Phase.PROFILE else [(k, d), (k,)]
     if phase in (Phase.INIT, Phase.LLOYD):
         return [(k, d), (k, d), (k,), (k,)]
     if phase is Phase.PROFILE:

@@ -190,6 +190,33 @@ class SecAggPlusSumCodec:
             out.append(limbs.reshape(self.encoded_shape(values.shape)))
         return out
 
+    def encode_words(self, arrays: Sequence[NDArray[np.int64]]) -> list[NDArray[np.float64]]:
+        """Encode statistics already on the fixed-point grid (integers, ``2**-FRACTION_BITS``).
+
+        The differentially private path (:mod:`common.dp`) forms its sums and noise as integers
+        on this grid, so no float rounding happens between the noise and the secure sum.
+        """
+        out: list[NDArray[np.float64]] = []
+        modulus = 1 << TOTAL_BITS
+        mask = self.quantization_range - 1
+        limit = int(MAX_ABS_VALUE) << FRACTION_BITS
+        for index, arr in enumerate(arrays):
+            words = np.asarray(arr)
+            if words.dtype.kind not in "iu":
+                raise ProtocolError(f"statistic #{index} is not on the integer grid.")
+            flat = [int(v) for v in words.ravel().tolist()]
+            if flat and max(abs(v) for v in flat) >= limit:
+                raise ProtocolError(f"statistic #{index} is too large for the secure-sum "
+                                    "encoding.")
+            limbs = np.empty((self.limbs, len(flat)), dtype=np.float64)
+            for j, value in enumerate(flat):
+                word = (value + self.offset) % modulus
+                for limb in range(self.limbs):
+                    m = (word >> (limb * self.limb_bits)) & mask
+                    limbs[limb, j] = m * (2.0 / self.quantization_range) - 1.0
+            out.append(limbs.reshape(self.encoded_shape(words.shape)))
+        return out
+
     def decode(
         self, means: Sequence[NDArray[np.float64]], *, num_sites: int
     ) -> list[NDArray[np.float64]]:

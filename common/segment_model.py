@@ -47,9 +47,19 @@ class ProfileStats:
 
     counts: NDArray[np.float64]
     sums: NDArray[np.float64]
-    costs: NDArray[np.float64]
-    raw_sums: NDArray[np.float64]
-    raw_sumsq: NDArray[np.float64]
+    costs: NDArray[np.float64] | None
+    raw_sums: NDArray[np.float64] | None
+    raw_sumsq: NDArray[np.float64] | None
+
+    @classmethod
+    def from_dp(cls, counts: NDArray[np.float64], sums: NDArray[np.float64]) -> ProfileStats:
+        """Noisy counts and standardised sums only (``privacy=secagg_dp``, :mod:`common.dp`).
+
+        Costs and raw-unit sums are not released under DP; profiles then show each segment's
+        typical value (its centroid mapped back to raw units) instead of raw means and stds.
+        """
+        return cls(counts=np.asarray(counts, np.float64), sums=np.asarray(sums, np.float64),
+                   costs=None, raw_sums=None, raw_sumsq=None)
 
     @staticmethod
     def shapes(n_segments: int, n_features: int) -> list[tuple[int, ...]]:
@@ -59,6 +69,8 @@ class ProfileStats:
 
     def to_arrays(self) -> list[NDArray[np.float64]]:
         """Return the layout sent to the server."""
+        assert self.costs is not None and self.raw_sums is not None and \
+            self.raw_sumsq is not None
         return [self.counts, self.sums, self.costs, self.raw_sums, self.raw_sumsq]
 
     @classmethod
@@ -117,19 +129,26 @@ class ProfileStats:
             None for a dropped empty segment). The size of a merged segment is not recorded:
             it is below the publication floor.
         """
+        k, d = self.sums.shape
+        exact = self.costs is not None and self.raw_sums is not None and \
+            self.raw_sumsq is not None
+        zeros = np.zeros((k, d))
         groups: list[list[int]] = [[i] for i in range(len(self.counts))]
         counts = list(self.counts)
         sums = [row.copy() for row in self.sums]
-        costs = list(self.costs)
-        raw_sums = [row.copy() for row in self.raw_sums]
-        raw_sumsq = [row.copy() for row in self.raw_sumsq]
+        costs = list(self.costs) if self.costs is not None else [0.0] * k
+        raw_sums = [row.copy() for row in (self.raw_sums if self.raw_sums is not None
+                                           else zeros)]
+        raw_sumsq = [row.copy() for row in (self.raw_sumsq if self.raw_sumsq is not None
+                                            else zeros)]
         log: list[dict[str, Any]] = []
         while len(counts) > 1:
             small = [i for i, c in enumerate(counts) if c < min_size]
             if not small:
                 break
             i = min(small, key=lambda s: counts[s])
-            if counts[i] == 0:
+            # A noisy (DP) count can be zero or below: such a segment is dropped as empty.
+            if counts[i] <= 0:
                 log.append({"segment": groups[i][0], "into": None})
             else:
                 centre_i = sums[i] / counts[i]
@@ -151,12 +170,13 @@ class ProfileStats:
                 groups[j] = groups[j] + groups[i]
             for lst in (groups, counts, sums, costs, raw_sums, raw_sumsq):
                 del lst[i]
+        m = len(counts)
         merged = ProfileStats(
             counts=np.asarray(counts, dtype=np.float64),
-            sums=np.asarray(sums, dtype=np.float64).reshape(len(counts), -1),
-            costs=np.asarray(costs, dtype=np.float64),
-            raw_sums=np.asarray(raw_sums, dtype=np.float64).reshape(len(counts), -1),
-            raw_sumsq=np.asarray(raw_sumsq, dtype=np.float64).reshape(len(counts), -1),
+            sums=np.asarray(sums, dtype=np.float64).reshape(m, -1),
+            costs=np.asarray(costs, dtype=np.float64) if exact else None,
+            raw_sums=np.asarray(raw_sums, dtype=np.float64).reshape(m, -1) if exact else None,
+            raw_sumsq=np.asarray(raw_sumsq, dtype=np.float64).reshape(m, -1) if exact else None,
         )
         return merged, log
 
@@ -261,11 +281,18 @@ class SegmentModel:
             )
         merged, log = stats.merge_small(min_segment_size)
         centroids = merged.sums / merged.counts[:, None]
-        means = merged.raw_sums / merged.counts[:, None]
-        stds = np.sqrt(np.maximum(merged.raw_sumsq / merged.counts[:, None] - means**2, 0.0))
-        overall = merged.raw_sums.sum(axis=0) / total
-        names = _name_segments(centroids, features)
         centroid_raw = invert_transforms(scaler.inverse_transform(centroids), features)
+        if merged.raw_sums is not None and merged.raw_sumsq is not None:
+            means = merged.raw_sums / merged.counts[:, None]
+            stds: NDArray[np.float64] | None = np.sqrt(
+                np.maximum(merged.raw_sumsq / merged.counts[:, None] - means**2, 0.0))
+            overall = merged.raw_sums.sum(axis=0) / total
+        else:
+            # DP: raw-unit sums are not released. A segment's typical value is its centroid
+            # in raw units; "overall" is the centre of the global scaling, in raw units.
+            means, stds = centroid_raw, None
+            overall = invert_transforms(scaler.mean[None, :], features)[0]
+        names = _name_segments(centroids, features)
         segments = []
         for i, (name, order) in enumerate(names):
             share = float(merged.counts[i] / total)
@@ -289,7 +316,8 @@ class SegmentModel:
                     centroid={f.name: float(v) for f, v in zip(features, centroid_raw[i],
                                                                strict=True)},
                     mean={f.name: float(v) for f, v in zip(features, means[i], strict=True)},
-                    std={f.name: float(v) for f, v in zip(features, stds[i], strict=True)},
+                    std={} if stds is None else
+                    {f.name: float(v) for f, v in zip(features, stds[i], strict=True)},
                 )
             )
         return cls(

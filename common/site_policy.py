@@ -33,8 +33,8 @@ from common.secagg_params import (
     threshold_for,
 )
 
-PROTOCOL_ID = "fedseg-kmeans/2"
-"""Version of the round protocol (phases, layouts, encoding with public offset)."""
+PROTOCOL_ID = "fedseg-kmeans/3"
+"""Version of the round protocol (phases, layouts incl. the DP layout, encoding with offset)."""
 
 MECHANISMS = ("secagg+", "none")
 
@@ -67,6 +67,14 @@ class SitePolicy:
         Fraction of sites assumed to collude with the server, for neighbourhoods above 30 sites.
     failure_log2 : int
         Accepted probability ``2**-failure_log2`` that a run's neighbourhoods expose a site.
+    require_dp : bool
+        True (default): answer only runs whose every release is differentially private
+        (:mod:`common.dp`); a plan without DP is refused. Ignored with ``mechanism="none"``,
+        the explicit debugging choice that protects nothing.
+    dp_epsilon, dp_delta : float
+        This site's privacy budget over **everything it ever answers** (all runs, kept in its
+        ledger on disk): a request whose release would take the composition past
+        ``(dp_epsilon, dp_delta)`` is refused.
     """
 
     mechanism: str = "secagg+"
@@ -81,6 +89,9 @@ class SitePolicy:
     tolerate_dropouts: bool = False
     collusion_fraction: float = DEFAULT_COLLUSION_FRACTION
     failure_log2: int = DEFAULT_FAILURE_LOG2
+    require_dp: bool = True
+    dp_epsilon: float = 4.0
+    dp_delta: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -95,6 +106,9 @@ class SitePolicy:
         if not 0.0 <= self.collusion_fraction < 1.0:
             raise ValueError(
                 f"site.collusion_fraction={self.collusion_fraction} should be in [0, 1).")
+        if not self.dp_epsilon > 0 or not 0 < self.dp_delta < 1:
+            raise ValueError(f"site.dp_epsilon={self.dp_epsilon} should be > 0 and "
+                             f"site.dp_delta={self.dp_delta} in (0, 1).")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> SitePolicy:
@@ -128,6 +142,17 @@ class SitePolicy:
             collusion_fraction=self.collusion_fraction, failure_log2=self.failure_log2)
         return shares, threshold_for(shares, tolerate_dropouts=self.tolerate_dropouts)
 
+    def dropouts_tolerated(self, num_sites: int) -> int:
+        """Sites that may drop out of a round that still completes (SecAgg+ tolerance).
+
+        With neighbourhoods of ``s`` and threshold ``t``, every site needs ``t`` of its ``s``
+        neighbours alive; conservatively, a completed round has ``ceil(n * t / s)`` sites.
+        """
+        if not self.tolerate_dropouts:
+            return 0
+        shares, threshold = self.required_secagg(num_sites)
+        return num_sites - -(-num_sites * threshold // shares)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (recorded in the site's log)."""
         return asdict(self)
@@ -150,6 +175,9 @@ class RunPlan:
         Sites the server plans for.
     protocol, prg : str
         Round protocol and SecAgg+ mask generator identifiers.
+    dp : str
+        The differential-privacy plan (:class:`common.dp.DpPlan`, canonical JSON), or ``""``
+        for a run with exact sums.
     """
 
     features: tuple[str, ...]
@@ -162,6 +190,7 @@ class RunPlan:
     num_sites: int
     protocol: str = PROTOCOL_ID
     prg: str = ""
+    dp: str = ""
 
     def to_json(self) -> str:
         """Canonical JSON (what travels in the instruction's config)."""
@@ -176,6 +205,8 @@ class RunPlan:
             if not isinstance(raw, dict) or set(raw) != known:
                 raise ValueError("unexpected keys")
             plan = cls(**{**raw, "features": tuple(str(f) for f in raw["features"])})
+            if not isinstance(plan.dp, str):
+                raise ValueError("dp should be a string")
             for name in ("k", "n_init", "init_candidates", "init_rounds", "max_rounds",
                          "num_sites"):
                 value = getattr(plan, name)
@@ -220,6 +251,38 @@ class RunPlan:
         if self.num_sites < policy.min_sites:
             raise SiteRefusal("federation", f"the server plans {self.num_sites} sites; this "
                               f"site takes part with at least {policy.min_sites}.")
+        if not self.dp:
+            if policy.require_dp and policy.mechanism == "secagg+":
+                raise SiteRefusal("policy", "the plan has no differential privacy; this site "
+                                  "answers only DP runs (site.require_dp).")
+            return
+        dp = self.dp_plan()
+        if policy.mechanism != "secagg+":
+            raise SiteRefusal("policy", "a DP run needs SecAgg+: this site's noise share "
+                              "protects its customers only inside the secure sum.")
+        if len(dp.bounds) != len(self.features):
+            raise SiteRefusal("protocol", f"the DP plan declares {len(dp.bounds)} bounds for "
+                              f"{len(self.features)} features.")
+        expected = {"moments": 1, "init": self.init_rounds, "lloyd": self.max_rounds,
+                    "profile": 1}
+        if self.n_init != 1 or self.init != "summary" or dp.rounds != expected \
+                or set(dp.sigma) != set(expected):
+            raise SiteRefusal("protocol", f"the DP plan's rounds {dp.rounds} / noise "
+                              f"{sorted(dp.sigma)} do not match the run plan {expected} with "
+                              "one centre set per round.")
+
+    def dp_plan(self) -> Any:
+        """Parse the :class:`common.dp.DpPlan` (refusing a malformed or unknown one)."""
+        from common.dp import MECHANISM_ID, DpPlan
+
+        try:
+            dp = DpPlan.from_json(self.dp)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SiteRefusal("protocol", f"malformed DP plan ({exc}).") from exc
+        if dp.mechanism != MECHANISM_ID:
+            raise SiteRefusal("protocol", f"DP mechanism {dp.mechanism!r}; this site adds "
+                              f"{MECHANISM_ID!r}.")
+        return dp
 
 
 def _digest(*arrays: NDArray[np.float64]) -> str:
@@ -353,7 +416,9 @@ class SiteSession:
 
 def policy_summary(policy: SitePolicy) -> str:
     """One line describing the policy (for progress output and the site log)."""
-    return (f"mechanism={policy.mechanism}, min_sites={policy.min_sites}, "
+    dp = (f"DP required, budget eps={policy.dp_epsilon:g} delta={policy.dp_delta:g}"
+          if policy.require_dp else "DP optional")
+    return (f"mechanism={policy.mechanism}, {dp}, min_sites={policy.min_sites}, "
             f"min_customers={policy.min_customers}, k<={policy.max_k}, "
             f"restarts<={policy.max_restarts}, candidates<={policy.max_init_candidates}, "
             f"rounds/run<={policy.max_rounds_per_run}, rounds/day<={policy.max_rounds_per_day}, "

@@ -28,6 +28,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
 from common import mask_prg
+from common.dp import DEFAULT_SPLIT, DpPlan, calibrate, epsilon_spent
 from common.errors import ConfigError, ProtocolError
 from common.features import FeatureSpec
 from common.secagg_params import neighbourhood_size, threshold_for
@@ -42,6 +43,7 @@ from common.secure_sum import (
 from common.segment_model import SegmentModel
 from common.site_policy import RunPlan
 from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
+from server.dp_coordinator import DPKMeansCoordinator, dp_rounds, expected_noise_summary
 from server.strategy import FederatedKMeans, describe_failure
 
 SECAGG_MODULES = (
@@ -131,6 +133,65 @@ class SecAggSettings:
         return shares, threshold
 
 
+@dataclass(frozen=True)
+class SecAggDpSettings(SecAggSettings):
+    """SecAgg+ with customer-level differential privacy held by the sites (``privacy=secagg_dp``).
+
+    Attributes
+    ----------
+    epsilon, delta : float
+        The run's target; the server calibrates the noise of the planned rounds to it with
+        ``dp_accounting`` and refuses a plan that would spend more.
+    init_candidates, init_rounds, lloyd_rounds : int
+        The fixed DP schedule (each round costs budget; see server/dp_coordinator.py).
+    clip : float
+        L2 bound on a customer's offset from its centre (standardised units).
+    count_share : float
+        Share of a cluster round's budget spent on its counts.
+    split : dict
+        Share of the run's budget per phase (moments, init, lloyd, profile).
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-6
+    init_candidates: int = 40
+    init_rounds: int = 1
+    lloyd_rounds: int = 3
+    clip: float = 2.5
+    count_share: float = 0.1
+    split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
+
+    def dp_plan(self, features: tuple[FeatureSpec, ...],
+                bounds: dict[str, tuple[float, float]]) -> DpPlan:
+        """Calibrate the run's noise and return the public DP plan; refuse an impossible one."""
+        missing = [f.name for f in features if f.name not in bounds]
+        if missing:
+            raise ConfigError(
+                "differential privacy needs declared bounds for every feature (a customer's "
+                f"influence is bounded by them); none for {missing}. Declare them in the data "
+                "configuration, e.g. " + " ".join(f"+data.clip.{m}=[low,high]" for m in missing)
+                + " (values from domain knowledge, not read off the data), or run "
+                "privacy=secagg (exact sums, no DP).")
+        if self.init_candidates < 1:
+            raise ConfigError(f"privacy.init_candidates={self.init_candidates} should be >= 1.")
+        if set(self.split) != set(DEFAULT_SPLIT):
+            raise ConfigError(f"privacy.split={dict(self.split)} should name exactly "
+                              f"{sorted(DEFAULT_SPLIT)}.")
+        try:
+            rounds = dp_rounds(self.init_rounds, self.lloyd_rounds)
+            sigma = calibrate(self.epsilon, self.delta, rounds, self.split)
+            plan = DpPlan(epsilon=self.epsilon, delta=self.delta, sigma=sigma, rounds=rounds,
+                          bounds=tuple(bounds[f.name] for f in features), clip=self.clip,
+                          count_share=self.count_share)
+        except ValueError as exc:
+            raise ConfigError(f"privacy: {exc}") from exc
+        planned = plan.planned_epsilon()
+        if planned > self.epsilon * (1 + 1e-9):
+            raise ConfigError(f"the planned rounds would spend epsilon={planned:.4f} > "
+                              f"privacy.epsilon={self.epsilon}; nothing was started.")
+        return plan
+
+
 def _count_or_fraction(value: float, total: int, key: str) -> int:
     """Read a setting that is a fraction of ``total`` (<= 1) or a whole count (> 1)."""
     if value <= 0:
@@ -160,6 +221,8 @@ class FederationPlan:
         None runs without secure aggregation (an explicit choice: ``privacy=none``).
     config : dict
         Resolved configuration recorded in the segment model.
+    dp : DpPlan or None
+        The differential-privacy plan (``privacy=secagg_dp``), calibrated before the run.
     """
 
     settings: KMeansSettings
@@ -167,10 +230,14 @@ class FederationPlan:
     num_sites: int
     secagg: SecAggSettings | None
     config: dict[str, Any] = field(default_factory=dict)
+    dp: DpPlan | None = None
 
     def __post_init__(self) -> None:
         if self.num_sites < 2:
             raise ConfigError(f"federation.num_sites={self.num_sites} should be >= 2.")
+        if self.dp is not None and self.secagg is None:
+            raise ConfigError("differential privacy needs SecAgg+: each site adds only its "
+                              "share of the noise.")
         if self.secagg is not None:
             check_no_wrap(num_sites=self.num_sites, quantization_range=self.quantization_range)
             self.secagg_parameters()
@@ -178,7 +245,24 @@ class FederationPlan:
     @property
     def max_rounds(self) -> int:
         """Rounds of a run at most: moments + initialisation + Lloyd + profile."""
+        if self.dp is not None:
+            return sum(self.dp.rounds.values())
         return 2 + self.settings.init_rounds + self.settings.max_rounds
+
+    @property
+    def init_candidates(self) -> int:
+        """Candidate centres of the initialisation."""
+        if self.dp is not None:
+            assert isinstance(self.secagg, SecAggDpSettings)
+            return self.secagg.init_candidates
+        return self.settings.n_candidates if self.settings.init == "summary" else 0
+
+    def new_coordinator(self) -> KMeansCoordinator | DPKMeansCoordinator:
+        """Return the state machine for this plan (DP or exact)."""
+        if self.dp is not None:
+            return DPKMeansCoordinator(settings=self.settings, features=self.features,
+                                       dp=self.dp, init_candidates=self.init_candidates)
+        return KMeansCoordinator(settings=self.settings, features=self.features)
 
     def secagg_parameters(self) -> tuple[int, int]:
         """``(num_shares, threshold)`` in force for this plan (SecAgg+ only)."""
@@ -188,6 +272,12 @@ class FederationPlan:
 
     def run_plan(self, *, prg: str) -> RunPlan:
         """Return the public plan announced to sites with every instruction (they check it)."""
+        if self.dp is not None:
+            return RunPlan(
+                features=tuple(f.name for f in self.features), k=self.settings.k, n_init=1,
+                init="summary", init_candidates=self.init_candidates,
+                init_rounds=self.dp.rounds["init"], max_rounds=self.dp.rounds["lloyd"],
+                num_sites=self.num_sites, prg=prg, dp=self.dp.to_json())
         summary = self.settings.init == "summary"
         return RunPlan(
             features=tuple(f.name for f in self.features), k=self.settings.k,
@@ -203,8 +293,15 @@ class FederationPlan:
         """SecAgg+ quantisation range for this federation's size."""
         return quantization_range_for(self.num_sites)
 
-    def privacy_record(self) -> dict[str, Any]:
-        """Describe the privacy guarantees, as recorded in the segment model."""
+    def privacy_record(self, released: list[float] | None = None) -> dict[str, Any]:
+        """Describe the privacy guarantees, as recorded in the segment model.
+
+        Parameters
+        ----------
+        released : list of float, optional
+            Noise multipliers of the rounds actually released (DP runs): their composition
+            is the epsilon spent.
+        """
         if self.secagg is None:
             return {"secure_aggregation": "none", "differential_privacy": None}
         shares, threshold = self.secagg_parameters()
@@ -221,7 +318,31 @@ class FederationPlan:
                 "mask_prg": mask_prg.PRG_ID,
                 "dropouts_tolerated": self.settings.accept_partial_rounds,
             },
-            "differential_privacy": None,
+            "differential_privacy": None if self.dp is None else self.dp_record(released),
+        }
+
+    def dp_record(self, released: list[float] | None) -> dict[str, Any]:
+        """Describe the DP guarantee of this run: target, planned and spent epsilon, mechanism."""
+        assert self.dp is not None
+        spent = None if released is None else epsilon_spent(released, self.dp.delta)
+        return {
+            "unit": "customer (add/remove one customer anywhere in the federation)",
+            "epsilon_target": self.dp.epsilon,
+            "epsilon_planned": self.dp.planned_epsilon(),
+            "epsilon_spent": spent,
+            "delta": self.dp.delta,
+            "rounds_released": None if released is None else len(released),
+            "mechanism": self.dp.mechanism + " (each site adds its share before SecAgg+)",
+            "accountant": "dp_accounting PLD (pessimistic), composed by the server and by "
+                          "every site over its own ledger",
+            "noise_multipliers": dict(self.dp.sigma),
+            "rounds": dict(self.dp.rounds),
+            "clip_norm": self.dp.clip,
+            "bounds": {f.name: list(b) for f, b in zip(self.features, self.dp.bounds,
+                                                       strict=True)},
+            "noise_std": expected_noise_summary(self.dp, self.features),
+            "sites_relied_on": "planned sites minus tolerated dropouts minus "
+                               "floor(site.collusion_fraction * sites)",
         }
 
 
@@ -251,7 +372,7 @@ class FailureRecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
 class RunResult:
     """What a finished run leaves behind on the server side."""
 
-    coordinator: KMeansCoordinator
+    coordinator: KMeansCoordinator | DPKMeansCoordinator
     model: SegmentModel | None = None
     seconds: float = 0.0
 
@@ -262,7 +383,7 @@ def run_federated_kmeans(
     plan: FederationPlan,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
-    coordinator: KMeansCoordinator | None = None,
+    coordinator: KMeansCoordinator | DPKMeansCoordinator | None = None,
 ) -> RunResult:
     """Run all rounds of federated k-means on ``grid`` and build the segment model.
 
@@ -279,7 +400,7 @@ def run_federated_kmeans(
     """
     started = time.perf_counter()
     if coordinator is None:
-        coordinator = KMeansCoordinator(settings=plan.settings, features=plan.features)
+        coordinator = plan.new_coordinator()
     codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
     announced = plan.run_plan(prg=mask_prg.active_prg_id(*SECAGG_MODULES))
     strategy = FederatedKMeans(
@@ -337,7 +458,9 @@ def run_federated_kmeans(
         thread.join()
     if not coordinator.done:
         raise ProtocolError(f"the run ended after {max_rounds} rounds without a model.")
-    model = coordinator.build_model(privacy=plan.privacy_record(), config=plan.config)
+    released = coordinator.released_multipliers if isinstance(
+        coordinator, DPKMeansCoordinator) else None
+    model = coordinator.build_model(privacy=plan.privacy_record(released), config=plan.config)
     log(INFO, "fedseg: segment model built with %d segments", len(model.segments))
     return RunResult(coordinator=coordinator, model=model, seconds=time.perf_counter() - started)
 
@@ -347,7 +470,7 @@ def make_server_app(
     *,
     on_result: Callable[[RunResult], None],
     on_round: Callable[[RoundRecord], None] | None = None,
-    coordinator_factory: Callable[[], KMeansCoordinator] | None = None,
+    coordinator_factory: Callable[[], KMeansCoordinator | DPKMeansCoordinator] | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs ``plan`` and passes the result to ``on_result``."""
     app = ServerApp()

@@ -243,6 +243,7 @@ class KMeansCoordinator:
             self._lloyd_step(sums, record)
         else:  # Phase.PROFILE
             self.model_stats = ProfileStats.from_arrays(sums, n_segments=k, n_features=d)
+            assert self.model_stats.costs is not None
             record.cost = float(self.model_stats.costs.sum())
         record.seconds = time.perf_counter() - self._round_started
         self.history.append(record)
@@ -339,7 +340,8 @@ class KMeansCoordinator:
             "total_rounds": len(self.history),
             "converged": self.converged,
             "tol": self.settings.tol,
-            "cost": float(self.model_stats.costs.sum()),
+            "cost": None if self.model_stats.costs is None
+            else float(self.model_stats.costs.sum()),
             "num_records": float(self.model_stats.counts.sum()),
         }
         return SegmentModel.build(

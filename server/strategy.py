@@ -33,6 +33,7 @@ from common.errors import SITE_ERROR_PREFIX, ProtocolError
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
 from common.secure_sum import SecAggPlusSumCodec, plain_sum
 from server.coordinator import KMeansCoordinator, RoundRecord
+from server.dp_coordinator import DPKMeansCoordinator
 
 
 class FederatedKMeans(Strategy):
@@ -56,7 +57,7 @@ class FederatedKMeans(Strategy):
     def __init__(
         self,
         *,
-        coordinator: KMeansCoordinator,
+        coordinator: KMeansCoordinator | DPKMeansCoordinator,
         num_sites: int,
         codec: SecAggPlusSumCodec | None,
         on_round: Callable[[RoundRecord], None] | None = None,

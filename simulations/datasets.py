@@ -70,6 +70,10 @@ class SyntheticCustomers:
         """Return the public feature list (known without reading any data)."""
         return synthetic_features()
 
+    def declared_bounds(self) -> dict[str, tuple[float, float]]:
+        """Public raw bounds per feature: the generator's documented ranges."""
+        return {name: (FEATURE_INFO[name].lower, FEATURE_INFO[name].upper) for name in FEATURES}
+
     def load(self, *, seed: int) -> Population:
         """Generate the table and keep consenting customers' declared features."""
         try:
@@ -116,6 +120,10 @@ class CsvCustomers:
                                   "low < high.")
             bounds[str(name)] = (float(values[0]), float(values[1]))
         return bounds
+
+    def declared_bounds(self) -> dict[str, tuple[float, float]]:
+        """Public raw bounds per feature: ``data.clip`` (differential privacy needs them all)."""
+        return self.clip_bounds()
 
     def feature_specs(self) -> tuple[FeatureSpec, ...]:
         """Return the public feature list (known without reading any data)."""

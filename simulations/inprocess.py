@@ -15,10 +15,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client.app import SiteData, site_statistics
-from common.features import FeatureSpec
+from common.dp import GAMMA, DpPlan, NoiseSource, noisy_round
+from common.features import FeatureSpec, apply_transforms
 from common.protocol import parse_phase
 from common.secure_sum import plain_sum
 from server.coordinator import KMeansCoordinator, KMeansSettings
+from server.dp_coordinator import DPKMeansCoordinator
 
 
 def run_inprocess(
@@ -46,3 +48,62 @@ def run_inprocess(
         replies = [site_statistics(site, phase, instruction, groups=groups) for site in sites]
         coordinator.step(plain_sum(replies), server_round=server_round, num_sites=len(sites))
     return coordinator
+
+
+def run_inprocess_dp(
+    parts: Sequence[NDArray[np.float64]],
+    *,
+    features: tuple[FeatureSpec, ...],
+    settings: KMeansSettings,
+    dp: DpPlan,
+    init_candidates: int,
+    honest: int | None = None,
+    noise_seed: bytes | None = None,
+    noiseless: bool = False,
+) -> DPKMeansCoordinator:
+    """Run the DP protocol in one process: every site adds its noise share, sums are exact.
+
+    Each site computes :func:`common.dp.noisy_round` exactly as the ClientApp does; the integer
+    replies are summed exactly, as SecAgg+ would, and handed to the coordinator in value units.
+
+    Parameters
+    ----------
+    parts : sequence of ndarray
+        Raw records per site (one part = the pooled data of a trusted curator).
+    features, settings, dp, init_candidates
+        As for :class:`server.dp_coordinator.DPKMeansCoordinator`.
+    honest : int, optional
+        Sites each relies on for noise (default: all of them).
+    noise_seed : bytes, optional
+        Seeds every site's noise (benchmarks and tests only); ``None`` draws fresh keys.
+    noiseless : bool, default=False
+        The benchmark's ``epsilon = inf`` baseline: the same schedule and clipping, no noise.
+    """
+    transformed = [apply_transforms(np.asarray(p, dtype=np.float64), features) for p in parts]
+    h = len(parts) if honest is None else honest
+    sources = [(_Silent() if noiseless else
+                NoiseSource(None if noise_seed is None else noise_seed + bytes([i % 256])))
+               for i in range(len(parts))]
+    coordinator = DPKMeansCoordinator(settings=settings, features=features, dp=dp,
+                                      init_candidates=init_candidates)
+    server_round = 0
+    while not coordinator.done:
+        server_round += 1
+        _, instruction, _ = coordinator.instruction()
+        phase = coordinator.phase
+        replies = [noisy_round(phase, dp, transformed=x, features=features,
+                               instruction=instruction, honest=h, noise=src)[0]
+                   for x, src in zip(transformed, sources, strict=True)]
+        sums = [np.asarray([sum(int(v) for v in column) for column in
+                            np.stack([r[i].ravel() for r in replies]).T], dtype=object)
+                .reshape(replies[0][i].shape) for i in range(len(replies[0]))]
+        values = [np.asarray(s, dtype=np.float64) / GAMMA for s in sums]
+        coordinator.step(values, server_round=server_round, num_sites=len(parts))
+    return coordinator
+
+
+class _Silent(NoiseSource):
+    """No noise at all: only for the benchmark's non-private baseline of the DP schedule."""
+
+    def discrete_gaussian(self, sigma: float, shape: tuple[int, ...]) -> NDArray[np.int64]:
+        return np.zeros(shape, dtype=np.int64)

@@ -32,11 +32,12 @@ from sklearn.metrics import adjusted_rand_score
 
 from client.app import make_client_app
 from common.config import register_configs
+from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
 from common.site_policy import SitePolicy, policy_summary
-from server.app import FederationPlan, RunResult, make_server_app
+from server.app import FederationPlan, RunResult, SecAggDpSettings, make_server_app
 from server.coordinator import KMeansSettings, RoundRecord
 from simulations.datasets import PartitionedSites, Population
 
@@ -133,23 +134,32 @@ def build_sites(
 def plan_from_config(
     cfg: DictConfig, *, features: tuple[FeatureSpec, ...], num_sites: int
 ) -> FederationPlan:
-    """Build the server's public plan from a composed config (shared with ``flwr run``)."""
+    """Build the server's public plan from a composed config (shared with ``flwr run``).
+
+    With ``privacy=secagg_dp`` the noise is calibrated here, before anything starts, from the
+    data source's declared bounds (``data.clip`` or the synthetic generator's ranges).
+    """
     settings: KMeansSettings = _build(
         cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
         seed=int(cfg.seed),
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
+    secagg = _build(cfg.privacy)
+    dp = None
+    if isinstance(secagg, SecAggDpSettings):
+        source = _build(cfg.data)
+        dp = secagg.dp_plan(features, source.declared_bounds())
     return FederationPlan(settings=settings, features=features, num_sites=num_sites,
-                          secagg=_build(cfg.privacy),
-                          config={str(k): v for k, v in resolved.items()})
+                          secagg=secagg, config={str(k): v for k, v in resolved.items()}, dp=dp)
 
 
 WEAK_FEDERATION_SITES = 3
 """Below this many sites, each site can read the others' aggregates from the published model."""
 
 
-def site_policy_from_config(node: Any, *, secagg: bool | None) -> SitePolicy:
+def site_policy_from_config(node: Any, *, secagg: bool | None,
+                            dp: tuple[float, float] | None = None) -> SitePolicy:
     """Build the sites' :class:`SitePolicy` from a ``site`` config node.
 
     Parameters
@@ -160,12 +170,25 @@ def site_policy_from_config(node: Any, *, secagg: bool | None) -> SitePolicy:
         The simulation's ``privacy`` choice, used when ``site.mechanism`` is null (in a local
         simulation one operator configures both sides). ``None``: a site on its own, which
         requires SecAgg+ unless its configuration says otherwise.
+    dp : (epsilon, delta) or None
+        The run's DP target (``privacy=secagg_dp``) or None (no DP), used when
+        ``site.require_dp`` / ``site.dp_epsilon`` / ``site.dp_delta`` are null. Only meaningful
+        with ``secagg`` not None.
     """
     container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
         else node
     values = {str(k): v for k, v in dict(container).items()}  # type: ignore[arg-type]
     if values.get("mechanism") is None:
         values["mechanism"] = "none" if secagg is False else "secagg+"
+    standalone = secagg is None
+    if values.get("require_dp") is None:
+        values["require_dp"] = True if standalone else dp is not None
+    for key, index in (("dp_epsilon", 0), ("dp_delta", 1)):
+        if values.get(key) is None:
+            if dp is not None:
+                values[key] = dp[index]
+            else:
+                values.pop(key, None)
     try:
         return SitePolicy.from_mapping(values, source="site policy (site.*)")
     except ValueError as exc:
@@ -199,6 +222,19 @@ def check_federation(policy: SitePolicy, sizes: list[int]) -> list[str]:
         warnings.append(f"only {len(sizes)} sites: each site can subtract itself from the "
                         "published model and read the other's aggregates.")
     return warnings
+
+
+def _site_privacy(state_dir: Path) -> dict[str, Any] | None:
+    """Per site, the epsilon its own ledger says it has spent (DP runs)."""
+    spent: dict[str, Any] = {}
+    for ledger in sorted(state_dir.glob("site-*-privacy.jsonl")):
+        lines = ledger.read_text(encoding="utf-8").splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            spent[ledger.name.removesuffix("-privacy.jsonl")] = {
+                "epsilon_spent": last["epsilon_after"], "delta": last["delta"],
+                "releases": len(lines)}
+    return spent or None
 
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
@@ -261,13 +297,30 @@ def run(
 
     plan = plan_from_config(cfg, features=population.features, num_sites=num_sites)
     settings, secagg = plan.settings, plan.secagg
-    policy = site_policy_from_config(cfg.site, secagg=secagg is not None)
+    dp = plan.dp
+    policy = site_policy_from_config(
+        cfg.site, secagg=secagg is not None,
+        dp=None if dp is None else (dp.epsilon, dp.delta))
+    if dp is not None:
+        planned = dp.planned_epsilon()
+        site_cost = epsilon_spent(dp.multipliers(), policy.dp_delta)
+        if site_cost > policy.dp_epsilon * (1 + 1e-9):
+            raise ConfigError(
+                f"the plan spends epsilon={site_cost:.4f} at the sites' delta="
+                f"{policy.dp_delta:g}, beyond their budget site.dp_epsilon={policy.dp_epsilon:g}:"
+                " every site would refuse the first round. Lower privacy.epsilon or raise the "
+                "sites' budget; nothing was started.")
+        _say(f"differential privacy: epsilon={dp.epsilon:g} (plan spends {planned:.4f}), "
+             f"delta={dp.delta:g}, {sum(dp.rounds.values())} rounds, noise multipliers "
+             + ", ".join(f"{p} {v:.2f}" for p, v in dp.sigma.items()))
     for warning in check_federation(policy, sizes):
         _say(f"warning: {warning}")
     _say(f"site policy: {policy_summary(policy)}")
     if secagg is not None:
         q_bits = plan.quantization_range.bit_length() - 1
-        _say(f"k={settings.k}, secure aggregation: SecAgg+ (quantization_range=2**{q_bits})")
+        _say(f"k={settings.k}, secure aggregation: SecAgg+ (quantization_range=2**{q_bits})"
+             + ("" if dp is not None else "; no differential privacy (exact sums: "
+                "privacy=secagg, see docs/SECURITY.md)"))
     else:
         _say(f"k={settings.k}, secure aggregation: OFF (privacy=none, explicit choice)")
 
@@ -319,7 +372,7 @@ def run(
     fed_cost = compute_stats(scaled, model.centroids_scaled).cost
     summary: dict[str, Any] = {
         "cost": fed_cost,
-        "federated_cost": coordinator.history[-1].cost,
+        "federated_cost": coordinator.history[-1].cost,  # None under DP (not released)
         "centralized_cost": None,
         "cost_ratio": None,
         "ari_vs_truth": None,
@@ -337,8 +390,10 @@ def run(
         "secagg": secagg is not None,
         "bytes_uploaded_per_site_round": float(np.mean(all_sent)) if all_sent else None,
         "messages_sent_by_sites": messages,
-        "init": settings.init,
+        "init": "dp-summary" if dp is not None else settings.init,
         "seed": seed,
+        "differential_privacy": model.privacy.get("differential_privacy"),
+        "site_privacy": _site_privacy(out / "site-state"),
     }
     if population.labels is not None:
         summary["ari_vs_truth"] = float(adjusted_rand_score(population.labels, fed_labels))

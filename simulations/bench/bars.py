@@ -4,9 +4,10 @@ Usage::
 
     .venv/bin/python -m simulations.bench.bars [--out /tmp/fedseg-bars]
 
-Runs ``python -m simulations.run`` for: the default job; 20 Dirichlet(0.3) sites for seeds
-0, 1, 2; ``data=wholesale model.k=5`` (when ../shared/data is present); and the default job with
-``privacy=none`` to compare the SecAgg+ and plain centroids. Prints a markdown table.
+Runs ``python -m simulations.run`` for: the default job (SecAgg+ with DP, epsilon=1); the
+default job with exact sums (``privacy=secagg``) and with ``privacy=none`` to compare the SecAgg+
+and plain centroids; 20 Dirichlet(0.3) sites for seeds 0, 1, 2 and ``data=wholesale model.k=5``
+(when ../shared/data is present), both with exact sums. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -47,17 +48,20 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     default = _run(args.out / "default")
-    rows.append(("default (5 regional sites, SecAgg+)", default))
+    rows.append(("default (5 regional sites, SecAgg+ and DP eps=1)", default))
+    rows.append(("default, privacy=secagg (exact sums)",
+                 _run(args.out / "default-secagg", "privacy=secagg")))
     plain = _run(args.out / "default-plain", "privacy=none")
     rows.append(("default, privacy=none", plain))
     for seed in (0, 1, 2):
         rows.append((f"20 Dirichlet(0.3) sites, seed {seed}",
                      _run(args.out / f"dirichlet-{seed}", "federation.num_sites=20",
-                          "partition=dirichlet", "partition.alpha=0.3", f"seed={seed}")))
+                          "partition=dirichlet", "partition.alpha=0.3", f"seed={seed}",
+                          "privacy=secagg")))
     if WHOLESALE.is_file():
         rows.append(("wholesale, k=5 (3 sites)",
                      _run(args.out / "wholesale", "data=wholesale", f"data.path={WHOLESALE}",
-                          "model.k=5")))
+                          "model.k=5", "privacy=secagg")))
     print("| run | cost_ratio | ari_vs_truth | rounds | seconds | bytes/site/round |")
     print("|---|---|---|---|---|---|")
     for name, s in rows:
@@ -66,7 +70,7 @@ def main() -> None:
               f"{s['bytes_uploaded_per_site_round']:,.0f} |")
     dirichlet = [s["cost_ratio"] for name, s in rows if name.startswith("20 Dirichlet")]
     print(f"\nmedian cost_ratio over the 3 Dirichlet seeds: {np.median(dirichlet):.4f}")
-    a, b = _centroids(args.out / "default"), _centroids(args.out / "default-plain")
+    a, b = _centroids(args.out / "default-secagg"), _centroids(args.out / "default-plain")
     print(f"SecAgg+ vs plain centroids: max relative difference "
           f"{np.abs(a - b).max() / np.abs(b).max():.2e}")
 

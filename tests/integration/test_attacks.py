@@ -21,8 +21,10 @@ from simulations.run import run
 
 pytestmark = pytest.mark.integration
 
+# The exact-sum protocol (privacy=secagg): these attacks read exact sums; the DP default is
+# attacked in test_dp_simulation.py.
 SMALL = ("data.num_customers=2000", "data.num_regions=3", "model.k=3", "strategy.n_init=1",
-         "strategy.init_rounds=1", "seed=4")
+         "strategy.init_rounds=1", "seed=4", "privacy=secagg")
 
 
 class CellSplittingCoordinator(KMeansCoordinator):

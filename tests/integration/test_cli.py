@@ -81,12 +81,24 @@ def test_unknown_key_and_wrong_type_fail_at_compose_time(tmp_path):
 
 
 def test_wholesale_preset_runs_on_the_real_file(tmp_path, wholesale_csv: Path):
-    proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=5",
+    proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=5", "privacy=secagg",
                 f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_sites"] == 3 and summary["ari_vs_truth"] is None
     assert summary["cost_ratio"] <= 1.03
+    # Under DP (the default) 440 customers support k=3 at epsilon=4; k=5 at epsilon=1 is
+    # refused with the reason after the moments round, nothing else released.
+    proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=3",
+                "privacy.epsilon=4", f"hydra.run.dir={tmp_path / 'dp'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["differential_privacy"]["epsilon_spent"] <= 4.0
+    assert summary["cost_ratio"] <= 1.15
+    proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=5",
+                f"hydra.run.dir={tmp_path / 'refused'}")
+    assert proc.returncode != 0 and "the segments would be noise" in proc.stderr
+    assert not (tmp_path / "refused" / "segments.json").exists()
 
 
 def test_generic_csv_with_identifiers_and_labels(tmp_path):
@@ -95,11 +107,19 @@ def test_generic_csv_with_identifiers_and_labels(tmp_path):
     table = generate_customers(num_customers=3000, num_regions=3, seed=4)
     data = tmp_path / "customers.csv"
     table.to_csv(data)
+    from simulations.synthetic import FEATURE_INFO
+
     features = "[" + ",".join(FEATURES[:4]) + "]"
-    proc = _run("data=csv", f"data.path={data}", "data.site_column=region",
-                f"data.features={features}", "data.transform=log1p",
-                "data.label_column=segment", "model.k=4", "strategy.n_init=2",
-                f"hydra.run.dir={tmp_path / 'out'}")
+    clip = [f"+data.clip.{f}=[{FEATURE_INFO[f].lower},{FEATURE_INFO[f].upper}]"
+            for f in FEATURES[:4]]
+    common = ("data=csv", f"data.path={data}", "data.site_column=region",
+              f"data.features={features}", "data.transform=log1p",
+              "data.label_column=segment", "model.k=4")
+    # DP (the default) needs declared bounds for every feature: refused, naming them.
+    refused = _run(*common, f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode != 0
+    assert "+data.clip.recency_days=[low,high]" in refused.stderr
+    proc = _run(*common, *clip, f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["num_sites"] == 3 and summary["num_customers"] == 3000

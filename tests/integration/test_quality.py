@@ -79,3 +79,36 @@ def test_wholesale_k5_within_three_percent_of_centralised(wholesale_csv: Path):
     for seed in (0, 1, 2):
         ratio, _ = _ratio_and_ari(population, parts, KMeansSettings(k=5, seed=seed))
         assert ratio <= 1.03, seed
+
+
+def _dp_ratio_and_ari(size: int, seed: int, epsilon: float) -> tuple[float, float]:
+    from common.dp import honest_sites
+    from server.app import SecAggDpSettings
+    from simulations.inprocess import run_inprocess_dp
+
+    source = SyntheticCustomers(num_customers=size, num_regions=5)
+    population = source.load(seed=seed)
+    parts = ByGroupPartition().split(population, num_sites=5, seed=seed)
+    privacy = SecAggDpSettings(epsilon=epsilon)
+    dp = privacy.dp_plan(population.features, source.declared_bounds())
+    coordinator = run_inprocess_dp(
+        [population.raw[p] for p in parts], features=population.features,
+        settings=KMeansSettings(k=6, seed=seed), dp=dp,
+        init_candidates=privacy.init_candidates,
+        honest=honest_sites(5, dropouts=0, collusion_fraction=1 / 3),
+        noise_seed=f"quality-{size}-{seed}".encode())
+    model = coordinator.build_model(privacy={}, config={})
+    x = model.scaler.transform(apply_transforms(population.raw, population.features))
+    cost = compute_stats(x, model.centroids_scaled).cost
+    reference = KMeans(6, n_init=10, random_state=seed).fit(x)
+    assert population.labels is not None
+    ari = adjusted_rand_score(population.labels, assign(x, model.centroids_scaled)[0])
+    return cost / reference.inertia_, ari
+
+
+@pytest.mark.parametrize(("size", "bar"), [(50_000, 1.02), (5_000, 1.10)])
+def test_dp_at_epsilon_one_is_near_non_private_centralised_kmeans(size, bar):
+    """The issue's bars, with the default DP settings (5 regional non-IID sites, 3 seeds)."""
+    results = [_dp_ratio_and_ari(size, seed, 1.0) for seed in (0, 1, 2)]
+    assert float(np.median([r for r, _ in results])) <= bar
+    assert float(np.median([a for _, a in results])) >= 0.9

@@ -63,7 +63,8 @@ def test_defaults(compose):
     assert cfg.model.min_segment_size == 10
     assert cfg.strategy._target_ == "server.coordinator.KMeansSettings"
     assert cfg.strategy.init == "summary"
-    assert cfg.privacy._target_ == "server.app.SecAggSettings"
+    assert cfg.privacy._target_ == "server.app.SecAggDpSettings"
+    assert cfg.privacy.epsilon == 1.0 and cfg.privacy.delta == 1e-6
     assert cfg.federation.num_sites is None
     assert cfg.seed == 0
 

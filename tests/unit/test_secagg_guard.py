@@ -84,7 +84,8 @@ def test_flower_mod_alone_gives_both_secrets_of_a_site_listed_active_and_dead():
 
 
 def test_a_fedseg_site_refuses_the_active_and_dead_lie(tmp_path):
-    policy = SitePolicy(tolerate_dropouts=True)  # the permissive setting: dead lists allowed
+    # The permissive setting: dead lists allowed.
+    policy = SitePolicy(tolerate_dropouts=True, require_dp=False)
     driver = SecAggDriver(_site_apps(4, policy, tmp_path))
     a, b, c, d = driver.nodes
     assert not any(r.has_error() for r in driver.setup(share_num=4, threshold=3).values())
@@ -102,7 +103,7 @@ def test_a_fedseg_site_refuses_the_active_and_dead_lie(tmp_path):
 
 
 def test_an_honest_exchange_passes_the_guard_and_a_refused_site_stays_out(tmp_path):
-    driver = SecAggDriver(_site_apps(4, SitePolicy(), tmp_path))
+    driver = SecAggDriver(_site_apps(4, SitePolicy(require_dp=False), tmp_path))
     nodes = driver.nodes
     driver.setup(share_num=4, threshold=4)
     driver.share_keys()
@@ -118,7 +119,7 @@ def test_an_honest_exchange_passes_the_guard_and_a_refused_site_stays_out(tmp_pa
 
 
 def test_without_dropout_tolerance_no_dead_site_is_ever_unmasked(tmp_path):
-    driver = SecAggDriver(_site_apps(4, SitePolicy(), tmp_path))
+    driver = SecAggDriver(_site_apps(4, SitePolicy(require_dp=False), tmp_path))
     a, b, c, d = driver.nodes
     driver.setup(share_num=4, threshold=4)
     driver.share_keys()
@@ -133,7 +134,7 @@ def test_without_dropout_tolerance_no_dead_site_is_ever_unmasked(tmp_path):
     ({"share_num": 4, "threshold": 4, "target_range": 2**30}, "can wrap"),
 ])
 def test_weak_setups_are_refused_before_any_key_is_made(tmp_path, setup, why):
-    driver = SecAggDriver(_site_apps(4, SitePolicy(), tmp_path))
+    driver = SecAggDriver(_site_apps(4, SitePolicy(require_dp=False), tmp_path))
     for reply in driver.setup(**setup).values():
         _assert_refused(reply)
         assert Key.PUBLIC_KEY_1 not in str(reply)
@@ -141,13 +142,13 @@ def test_weak_setups_are_refused_before_any_key_is_made(tmp_path, setup, why):
 
 
 def test_a_two_site_federation_is_refused_by_the_sites(tmp_path):
-    driver = SecAggDriver(_site_apps(2, SitePolicy(), tmp_path))
+    driver = SecAggDriver(_site_apps(2, SitePolicy(require_dp=False), tmp_path))
     for reply in driver.setup(share_num=2, threshold=2).values():
         _assert_refused(reply, code="federation")
 
 
 def test_a_forged_neighbourhood_is_refused(tmp_path):
-    driver = SecAggDriver(_site_apps(4, SitePolicy(), tmp_path))
+    driver = SecAggDriver(_site_apps(4, SitePolicy(require_dp=False), tmp_path))
     a, b, c, d = driver.nodes
     driver.setup(share_num=4, threshold=4)
     keys = driver.public_keys

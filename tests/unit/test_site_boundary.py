@@ -84,7 +84,8 @@ def test_a_data_error_naming_a_cell_leaves_the_site_as_a_code_only(tmp_path):
 
 
 def test_an_error_inside_secagg_is_audited_with_its_stage(tmp_path):
-    apps = [make_client_app(_failing_loader, policy=SitePolicy(), site_root=tmp_path)] * 3
+    apps = [make_client_app(_failing_loader, policy=SitePolicy(require_dp=False),
+                            site_root=tmp_path)] * 3
     driver = SecAggDriver(apps)
     driver.setup(share_num=3, threshold=3)
     driver.share_keys()
@@ -123,7 +124,7 @@ def test_a_site_without_the_mask_replacement_refuses_to_mask(tmp_path):
     mask_prg.uninstall(*client.app.SECAGG_MODULES)
     try:
         with pytest.raises(SiteRefusal, match="masks with") as info:
-            SiteClient(site, _context(), policy=SitePolicy()).admit(
+            SiteClient(site, _context(), policy=SitePolicy(require_dp=False)).admit(
                 _moments_config(_plan()), [])
         assert info.value.code == "secagg"
     finally:
