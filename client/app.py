@@ -342,7 +342,8 @@ class SiteClient(NumPyClient):
             words, _ = noisy_round(phase, plan.dp_plan(), transformed=self.site.transformed,
                                    features=self.site.features,
                                    instruction=[np.asarray(a) for a in parameters],
-                                   honest=honest, noise=NoiseSource(self.noise_seed))
+                                   honest=honest, noise=NoiseSource(self.noise_seed),
+                                   limb_bits=codec.limb_bits)
             return codec.encode_words(words), 1, {}
         if phase is Phase.MOMENTS:
             check_site_range(self.site)

@@ -103,7 +103,7 @@ class SecAggDpPrivacyConfig:
     epsilon: float = 1.0
     delta: float = 1e-6
     init_candidates: int = 40
-    init_rounds: int = 1
+    init_rounds: int = 2
     lloyd_rounds: int = 3
     clip: float = 2.5
     count_share: float = 0.1

@@ -16,7 +16,8 @@ contributes is bounded by public numbers:
 * in the cluster rounds a customer's offset ``u = x - c`` from its (public) centre ``c`` is
   clipped to the L2 norm ``C`` (``privacy.clip``, standardised units).
 
-Every statistic is formed on the SecAgg+ fixed-point grid (``GAMMA = 2**24`` per unit): each
+Every statistic is formed on a fixed-point grid (``GAMMA = 2**grid_bits`` per unit, at least
+the SecAgg+ resolution ``2**24``, finer when needed to hide limb carries): each
 customer's contribution is rounded to integers *before* the site sums them, so the sum is exact
 and the difference one customer makes is its own rounded contribution. Rounding adds at most
 ``1/2`` per coordinate, hence the ``+ sqrt(m)/2`` terms below. L2 sensitivities in grid units
@@ -95,7 +96,20 @@ MECHANISM_ID = "distributed-discrete-gaussian/1"
 """Identifier of the noise mechanism and statistic layout a DP plan announces."""
 
 GAMMA = 1 << FRACTION_BITS
-"""Grid units per unit of a statistic (the SecAgg+ fixed-point resolution)."""
+"""Grid units per unit of an exact statistic (the SecAgg+ fixed-point resolution)."""
+
+MAX_GRID_BITS = 40
+"""Finest DP grid (``2**40`` per unit): int64 sums of 50,000+ customers stay far from overflow."""
+
+CARRY_FACTOR = 1.2
+"""Each site's noise std must be at least this many lowest-limb widths ``2**L`` (grid units).
+
+SecAgg+ reveals every limb's sum, so the carries out of the lowest limb -- a function of each
+site's own residue modulo ``2**L`` -- are visible. A discrete Gaussian of std ``s`` reduced modulo
+``2**L`` is within total variation ``exp(-2 pi**2 (s / 2**L)**2)`` of uniform; at ``s >= 1.2 *
+2**L`` that is below ``5e-13`` (about ``2**-41``) per entry, so the carries are independent of
+the data up to that distance (the higher boundaries carry nothing: the public offset). The DP
+grid (:attr:`DpPlan.grid_bits`) is chosen fine enough for this, and every site checks it."""
 
 DP_PHASES = (Phase.MOMENTS, Phase.INIT, Phase.LLOYD, Phase.PROFILE)
 
@@ -212,6 +226,8 @@ class DpPlan:
     moments_shares : tuple of float
         Fractions of the moments round's budget on (count, sums, squares).
     mechanism : str
+    grid_bits : int
+        The statistics are integers in units of ``2**-grid_bits`` (see :data:`CARRY_FACTOR`).
     """
 
     epsilon: float
@@ -223,8 +239,12 @@ class DpPlan:
     count_share: float = 0.1
     moments_shares: tuple[float, float, float] = (0.2, 0.4, 0.4)
     mechanism: str = MECHANISM_ID
+    grid_bits: int = FRACTION_BITS
 
     def __post_init__(self) -> None:
+        if not FRACTION_BITS <= self.grid_bits <= MAX_GRID_BITS:
+            raise ValueError(f"grid_bits={self.grid_bits} should be in [{FRACTION_BITS}, "
+                             f"{MAX_GRID_BITS}].")
         if not self.clip > 0 or not 0 < self.count_share < 1:
             raise ValueError(f"clip={self.clip} should be > 0 and count_share="
                              f"{self.count_share} in (0, 1).")
@@ -262,7 +282,34 @@ class DpPlan:
         raw["moments_shares"] = tuple(float(v) for v in raw["moments_shares"])
         raw["sigma"] = {str(k): float(v) for k, v in dict(raw["sigma"]).items()}
         raw["rounds"] = {str(k): int(v) for k, v in dict(raw["rounds"]).items()}
+        if not isinstance(raw.get("grid_bits"), int):
+            raise ValueError("grid_bits should be an integer")
         return cls(**raw)
+
+    @property
+    def gamma(self) -> int:
+        """Grid units per unit of a statistic."""
+        return 1 << self.grid_bits
+
+    def with_grid_for(self, features: tuple[FeatureSpec, ...], limb_bits: int,
+                      num_sites: int) -> DpPlan:
+        """Return this plan on the coarsest grid where every site's noise hides its carries.
+
+        The smallest per-site noise std of any released entry (value units, assuming all
+        ``num_sites`` are relied on -- the least noise a site can add) must reach
+        ``CARRY_FACTOR * 2**limb_bits`` grid units.
+        """
+        from dataclasses import replace
+
+        smallest = min(min(round_noise_std(p, self, features)) for p in DP_PHASES
+                       if self.rounds.get(p.value, 0)) / math.sqrt(num_sites)
+        bits = max(FRACTION_BITS,
+                   math.ceil(math.log2(CARRY_FACTOR * 2.0**limb_bits / smallest)))
+        if bits > MAX_GRID_BITS:
+            raise ValueError(f"epsilon={self.epsilon} leaves so little noise that no grid up to "
+                             f"2**-{MAX_GRID_BITS} hides the SecAgg+ carries; use a smaller "
+                             "epsilon (or privacy=secagg, without DP).")
+        return replace(self, grid_bits=bits)
 
 
 # --------------------------------------------------------------------------- noise
@@ -356,7 +403,8 @@ def _noise(sens: Sequence[float], shares: Sequence[float], sigma: float, honest:
 
 
 def moments_words(
-    transformed: NDArray[np.float64], low: NDArray[np.float64], high: NDArray[np.float64]
+    transformed: NDArray[np.float64], low: NDArray[np.float64], high: NDArray[np.float64],
+    *, gamma: int = GAMMA,
 ) -> tuple[list[NDArray[np.int64]], tuple[float, float, float]]:
     """Integer moments of clipped transformed records, normalised to the box; and sensitivities.
 
@@ -370,11 +418,11 @@ def moments_words(
     mid, half = (low + high) / 2, (high - low) / 2
     z = np.clip((x - mid) / half, -1.0, 1.0)
     d = x.shape[1]
-    sz = np.rint(z * GAMMA).astype(np.int64).sum(axis=0)
-    sq = np.rint((z * z - 0.5) * GAMMA).astype(np.int64).sum(axis=0)
-    count = np.array([x.shape[0] * GAMMA], dtype=np.int64)
+    sz = np.rint(z * gamma).astype(np.int64).sum(axis=0)
+    sq = np.rint((z * z - 0.5) * gamma).astype(np.int64).sum(axis=0)
+    count = np.array([x.shape[0] * gamma], dtype=np.int64)
     root = math.sqrt(d)
-    sens = (float(GAMMA), GAMMA * root + root / 2, GAMMA * root / 2 + root / 2)
+    sens = (float(gamma), gamma * root + root / 2, gamma * root / 2 + root / 2)
     return [count, sz, sq], sens
 
 
@@ -384,6 +432,7 @@ def cluster_words(
     *,
     box: tuple[NDArray[np.float64], NDArray[np.float64]],
     clip: float,
+    gamma: int = GAMMA,
 ) -> tuple[list[NDArray[np.int64]], tuple[float, float]]:
     """Per centre: sum of clipped offsets ``clip_C(x - c)`` and count, in grid units.
 
@@ -397,11 +446,11 @@ def cluster_words(
     norms = np.linalg.norm(u, axis=1)
     u *= np.minimum(1.0, clip / np.maximum(norms, 1e-300))[:, None]
     k, d = centres.shape
-    words = np.rint(u * GAMMA).astype(np.int64)
+    words = np.rint(u * gamma).astype(np.int64)
     sums = np.zeros((k, d), dtype=np.int64)
     np.add.at(sums, labels, words)
-    counts = np.bincount(labels, minlength=k).astype(np.int64) * GAMMA
-    return [sums, counts], (GAMMA * clip + math.sqrt(d) / 2, float(GAMMA))
+    counts = np.bincount(labels, minlength=k).astype(np.int64) * gamma
+    return [sums, counts], (gamma * clip + math.sqrt(d) / 2, float(gamma))
 
 
 def noisy_round(
@@ -413,6 +462,7 @@ def noisy_round(
     instruction: Sequence[NDArray[np.float64]],
     honest: int,
     noise: NoiseSource,
+    limb_bits: int | None = None,
 ) -> tuple[list[NDArray[np.int64]], RoundNoise]:
     """Compute a site's DP reply for one round: integer statistics plus its noise share.
 
@@ -429,6 +479,9 @@ def noisy_round(
     honest : int
         Sites whose noise this site relies on (:func:`honest_sites`).
     noise : NoiseSource
+    limb_bits : int, optional
+        Bits of the SecAgg+ encoding's lowest limb; when given, the site refuses a round whose
+        noise share would not hide its carries (:data:`CARRY_FACTOR`).
 
     Returns
     -------
@@ -439,20 +492,27 @@ def noisy_round(
     """
     low, high = transformed_bounds(plan.bounds, features)
     sigma = plan.sigma[phase.value]
+    gamma = plan.gamma
     if phase is Phase.MOMENTS:
-        words, sens = moments_words(transformed, low, high)
+        words, sens = moments_words(transformed, low, high, gamma=gamma)
         info = _noise(sens, plan.moments_shares, sigma, honest)
     else:
         mean, std, centres = (np.asarray(a, dtype=np.float64) for a in instruction)
         scaled = (np.clip(transformed, low, high) - mean) / std
         box = ((low - mean) / std, (high - mean) / std)
-        words, sens2 = cluster_words(scaled, centres, box=box, clip=plan.clip)
+        words, sens2 = cluster_words(scaled, centres, box=box, clip=plan.clip, gamma=gamma)
         info = _noise(sens2, (1 - plan.count_share, plan.count_share), sigma, honest)
         if phase is Phase.PROFILE:
             words = [words[1], words[0]]
             info = RoundNoise(sensitivities=info.sensitivities[::-1],
                               total_std=info.total_std[::-1], site_std=info.site_std[::-1],
                               sigma=sigma)
+    if limb_bits is not None and min(info.site_std) < CARRY_FACTOR * 2.0**limb_bits:
+        from common.errors import SiteRefusal
+
+        raise SiteRefusal("secagg", f"this site's noise share (std {min(info.site_std):.3g} "
+                          f"grid units) would not hide the carries of a {limb_bits}-bit limb; "
+                          f"the plan's grid 2**-{plan.grid_bits} is too coarse.")
     noisy = [w + noise.discrete_gaussian(s, w.shape) for w, s in
              zip(words, info.site_std, strict=True)]
     return noisy, info
@@ -466,11 +526,12 @@ def round_noise_std(phase: Phase, plan: DpPlan, features: tuple[FeatureSpec, ...
     """
     d = len(features)
     sigma = plan.sigma[phase.value]
+    gamma = plan.gamma
     if phase is Phase.MOMENTS:  # normalised units (see moments_words)
         root = math.sqrt(d)
-        sens = (1.0, root + root / 2 / GAMMA, root / 2 + root / 2 / GAMMA)
+        sens = (1.0, root + root / 2 / gamma, root / 2 + root / 2 / gamma)
         return tuple(s * sigma / math.sqrt(f) for s, f in zip(sens, plan.moments_shares,
                                                               strict=True))
-    sums = (plan.clip + math.sqrt(d) / 2 / GAMMA) * sigma / math.sqrt(1 - plan.count_share)
+    sums = (plan.clip + math.sqrt(d) / 2 / gamma) * sigma / math.sqrt(1 - plan.count_share)
     counts = sigma / math.sqrt(plan.count_share)
     return (counts, sums) if phase is Phase.PROFILE else (sums, counts)

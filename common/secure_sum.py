@@ -218,7 +218,8 @@ class SecAggPlusSumCodec:
         return out
 
     def decode(
-        self, means: Sequence[NDArray[np.float64]], *, num_sites: int
+        self, means: Sequence[NDArray[np.float64]], *, num_sites: int,
+        fraction_bits: int = FRACTION_BITS,
     ) -> list[NDArray[np.float64]]:
         """Recover the sums of the sites' statistics from SecAgg+'s aggregated mean.
 
@@ -229,6 +230,8 @@ class SecAggPlusSumCodec:
             mean over the ``num_sites`` reporting sites of the encoded payloads.
         num_sites : int
             Sites whose vectors are in the aggregate (sampled minus dropped).
+        fraction_bits : int, default=FRACTION_BITS
+            Fixed-point resolution the sites encoded with (finer for DP statistics).
 
         Returns
         -------
@@ -258,7 +261,7 @@ class SecAggPlusSumCodec:
                 total = (total - offsets) % modulus
                 if total >= half:
                     total -= modulus
-                result[j] = total / (1 << FRACTION_BITS)
+                result[j] = total / (1 << fraction_bits)
             out.append(result.reshape(arr.shape[1:]))
         return out
 

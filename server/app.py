@@ -34,6 +34,7 @@ from common.features import FeatureSpec
 from common.secagg_params import neighbourhood_size, threshold_for
 from common.secure_sum import (
     CLIPPING_RANGE,
+    FRACTION_BITS,
     MAX_WEIGHT,
     MODULUS_RANGE,
     SecAggPlusSumCodec,
@@ -155,15 +156,19 @@ class SecAggDpSettings(SecAggSettings):
     epsilon: float = 1.0
     delta: float = 1e-6
     init_candidates: int = 40
-    init_rounds: int = 1
+    init_rounds: int = 2
     lloyd_rounds: int = 3
     clip: float = 2.5
     count_share: float = 0.1
     split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
 
     def dp_plan(self, features: tuple[FeatureSpec, ...],
-                bounds: dict[str, tuple[float, float]]) -> DpPlan:
-        """Calibrate the run's noise and return the public DP plan; refuse an impossible one."""
+                bounds: dict[str, tuple[float, float]], *, num_sites: int) -> DpPlan:
+        """Calibrate the run's noise and return the public DP plan; refuse an impossible one.
+
+        The plan's grid is the coarsest on which every site's noise share hides the carries of
+        the SecAgg+ encoding's lowest limb for ``num_sites`` sites (``common.dp.CARRY_FACTOR``).
+        """
         missing = [f.name for f in features if f.name not in bounds]
         if missing:
             raise ConfigError(
@@ -183,7 +188,9 @@ class SecAggDpSettings(SecAggSettings):
             plan = DpPlan(epsilon=self.epsilon, delta=self.delta, sigma=sigma, rounds=rounds,
                           bounds=tuple(bounds[f.name] for f in features), clip=self.clip,
                           count_share=self.count_share)
-        except ValueError as exc:
+            limb_bits = quantization_range_for(max(num_sites, 2)).bit_length() - 1
+            plan = plan.with_grid_for(features, limb_bits, num_sites)
+        except (ValueError, ConfigError) as exc:
             raise ConfigError(f"privacy: {exc}") from exc
         planned = plan.planned_epsilon()
         if planned > self.epsilon * (1 + 1e-9):
@@ -338,6 +345,7 @@ class FederationPlan:
             "noise_multipliers": dict(self.dp.sigma),
             "rounds": dict(self.dp.rounds),
             "clip_norm": self.dp.clip,
+            "grid_bits": self.dp.grid_bits,
             "bounds": {f.name: list(b) for f, b in zip(self.features, self.dp.bounds,
                                                        strict=True)},
             "noise_std": expected_noise_summary(self.dp, self.features),
@@ -406,6 +414,7 @@ def run_federated_kmeans(
     strategy = FederatedKMeans(
         coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round,
         run_plan=announced.to_json(),
+        fraction_bits=FRACTION_BITS if plan.dp is None else plan.dp.grid_bits,
     )
     workflow: FailureRecordingSecAggPlusWorkflow | None = None
     if plan.secagg is not None:

@@ -31,7 +31,7 @@ from flwr.server.strategy import Strategy
 
 from common.errors import SITE_ERROR_PREFIX, ProtocolError
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
-from common.secure_sum import SecAggPlusSumCodec, plain_sum
+from common.secure_sum import FRACTION_BITS, SecAggPlusSumCodec, plain_sum
 from server.coordinator import KMeansCoordinator, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator
 
@@ -52,6 +52,8 @@ class FederatedKMeans(Strategy):
     run_plan : str
         The public run plan (``RunPlan.to_json()``) sent with every instruction; sites refuse
         requests outside it.
+    fraction_bits : int
+        Fixed-point resolution of the sites' statistics (finer under DP: ``DpPlan.grid_bits``).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FederatedKMeans(Strategy):
         codec: SecAggPlusSumCodec | None,
         on_round: Callable[[RoundRecord], None] | None = None,
         run_plan: str = "",
+        fraction_bits: int = FRACTION_BITS,
     ) -> None:
         super().__init__()
         self.coordinator = coordinator
@@ -69,6 +72,7 @@ class FederatedKMeans(Strategy):
         self.codec = codec
         self.on_round = on_round
         self.run_plan = run_plan
+        self.fraction_bits = fraction_bits
 
     def __repr__(self) -> str:
         mode = "secagg+" if self.codec is not None else "plain"
@@ -125,7 +129,8 @@ class FederatedKMeans(Strategy):
                 )
         if self.codec is not None:
             mean = parameters_to_ndarrays(results[0][1].parameters)
-            sums = self.codec.decode(mean, num_sites=len(results))
+            sums = self.codec.decode(mean, num_sites=len(results),
+                                     fraction_bits=self.fraction_bits)
         else:
             sums = plain_sum([parameters_to_ndarrays(res.parameters) for _, res in results])
         self.coordinator.step(

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client.app import SiteData, site_statistics
-from common.dp import GAMMA, DpPlan, NoiseSource, noisy_round
+from common.dp import DpPlan, NoiseSource, noisy_round
 from common.features import FeatureSpec, apply_transforms
 from common.protocol import parse_phase
 from common.secure_sum import plain_sum
@@ -97,7 +97,7 @@ def run_inprocess_dp(
         sums = [np.asarray([sum(int(v) for v in column) for column in
                             np.stack([r[i].ravel() for r in replies]).T], dtype=object)
                 .reshape(replies[0][i].shape) for i in range(len(replies[0]))]
-        values = [np.asarray(s, dtype=np.float64) / GAMMA for s in sums]
+        values = [np.asarray(s, dtype=np.float64) / dp.gamma for s in sums]
         coordinator.step(values, server_round=server_round, num_sites=len(parts))
     return coordinator
 

@@ -149,7 +149,7 @@ def plan_from_config(
     dp = None
     if isinstance(secagg, SecAggDpSettings):
         source = _build(cfg.data)
-        dp = secagg.dp_plan(features, source.declared_bounds())
+        dp = secagg.dp_plan(features, source.declared_bounds(), num_sites=num_sites)
     return FederationPlan(settings=settings, features=features, num_sites=num_sites,
                           secagg=secagg, config={str(k): v for k, v in resolved.items()}, dp=dp)
 

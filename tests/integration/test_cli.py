@@ -97,7 +97,9 @@ def test_wholesale_preset_runs_on_the_real_file(tmp_path, wholesale_csv: Path):
     assert summary["cost_ratio"] <= 1.15
     proc = _run("data=wholesale", f"data.path={wholesale_csv}", "model.k=5",
                 f"hydra.run.dir={tmp_path / 'refused'}")
-    assert proc.returncode != 0 and "the segments would be noise" in proc.stderr
+    # Refused after the noisy moments (which of the two size checks trips depends on the noise).
+    assert proc.returncode != 0 and "Raise privacy.epsilon" in proc.stderr
+    assert "too small for privacy.epsilon" in proc.stderr or "would be noise" in proc.stderr
     assert not (tmp_path / "refused" / "segments.json").exists()
 
 
@@ -123,7 +125,8 @@ def test_generic_csv_with_identifiers_and_labels(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["num_sites"] == 3 and summary["num_customers"] == 3000
-    assert summary["ari_vs_truth"] is not None and summary["cost_ratio"] <= 1.05
+    # DP at epsilon=1 on 3,000 customers: the small-data bar (noise is fresh each run).
+    assert summary["ari_vs_truth"] is not None and summary["cost_ratio"] <= 1.10
     model_text = (tmp_path / "out" / "segments.json").read_text()
     # Identifiers in the file are never read, so they cannot reach the model.
     assert table.customer_id[0] not in model_text and table.email[0] not in model_text

@@ -31,7 +31,9 @@ def test_a_dp_run_records_what_it_spent_everywhere(make_cfg, tmp_path):
     summary = run(make_cfg(*SMALL), output_dir=tmp_path)
     dp = summary["differential_privacy"]
     assert dp["epsilon_target"] == 1.0 and dp["delta"] == 1e-6
-    assert 0.99 <= dp["epsilon_spent"] <= 1.0 and dp["rounds_released"] == 6
+    planned = sum(dp["rounds"].values())
+    assert planned == 7  # moments, 2 init, 3 Lloyd, profile (conf/privacy/secagg_dp.yaml)
+    assert 0.99 <= dp["epsilon_spent"] <= 1.0 and dp["rounds_released"] == planned
     model = json.loads((tmp_path / "segments.json").read_text())
     assert model["privacy"]["differential_privacy"]["epsilon_spent"] == dp["epsilon_spent"]
     assert all(s["std"] == {} for s in model["segments"])  # raw spreads are not released
@@ -40,7 +42,7 @@ def test_a_dp_run_records_what_it_spent_everywhere(make_cfg, tmp_path):
                   (tmp_path / "site-state" / f"site-{site}-privacy.jsonl").read_text()
                   .splitlines()]
         multipliers = [e["noise_multiplier"] for e in ledger]
-        assert len(multipliers) == 6
+        assert len(multipliers) == planned
         # The site's own accountant equals dp_accounting on the same mechanism list.
         direct = _direct_epsilon(multipliers, 1e-6)
         assert ledger[-1]["epsilon_after"] == pytest.approx(direct, rel=1e-5)
@@ -49,7 +51,7 @@ def test_a_dp_run_records_what_it_spent_everywhere(make_cfg, tmp_path):
         audit = [json.loads(line) for line in
                  (tmp_path / "audit" / f"site-{site}.jsonl").read_text().splitlines()]
         sent = [e for e in audit if e["stage"] == "collect_masked_vectors"]
-        assert len(sent) == 6 and all(e["privacy"]["epsilon_spent"] > 0 for e in sent)
+        assert len(sent) == planned and all(e["privacy"]["epsilon_spent"] > 0 for e in sent)
         assert sent[-1]["privacy"]["epsilon_spent"] == pytest.approx(direct, rel=1e-5)
     assert summary["cost_ratio"] < 1.1
 
@@ -81,7 +83,7 @@ def test_a_server_that_keeps_asking_past_the_budget_gets_refusals(make_cfg, tmp_
     assert len(results) == 1 and results[0].model is not None
     ledgers = sorted((sites / "site-state").glob("site-*-privacy.jsonl"))
     before = [p.read_text() for p in ledgers]
-    assert len(ledgers) == 3 and all(len(t.splitlines()) == 6 for t in before)
+    assert len(ledgers) == 3 and all(len(t.splitlines()) == 7 for t in before)
     with pytest.raises(ProtocolError) as info:
         run_simulation(server_app=make_server_app(plan, on_result=results.append),
                        client_app=client_app, num_supernodes=len(parts),

@@ -90,7 +90,7 @@ def _dp_ratio_and_ari(size: int, seed: int, epsilon: float) -> tuple[float, floa
     population = source.load(seed=seed)
     parts = ByGroupPartition().split(population, num_sites=5, seed=seed)
     privacy = SecAggDpSettings(epsilon=epsilon)
-    dp = privacy.dp_plan(population.features, source.declared_bounds())
+    dp = privacy.dp_plan(population.features, source.declared_bounds(), num_sites=5)
     coordinator = run_inprocess_dp(
         [population.raw[p] for p in parts], features=population.features,
         settings=KMeansSettings(k=6, seed=seed), dp=dp,

@@ -40,7 +40,8 @@ BOUNDS = {"spend": (0.0, 10_000.0), "visits": (0.0, 50.0)}
 
 def _dp_plan(epsilon=1.0, init_rounds=1, lloyd_rounds=2) -> DpPlan:
     return SecAggDpSettings(epsilon=epsilon, init_rounds=init_rounds,
-                            lloyd_rounds=lloyd_rounds, init_candidates=8).dp_plan(FEATURES, BOUNDS)
+                            lloyd_rounds=lloyd_rounds, init_candidates=8
+                            ).dp_plan(FEATURES, BOUNDS, num_sites=3)
 
 
 def _run_plan(dp: DpPlan) -> RunPlan:
@@ -99,6 +100,23 @@ def test_noise_sources_are_fresh_unless_a_test_seeds_them():
 
 # --- sensitivities ----------------------------------------------------------------------------
 
+def test_the_grid_is_fine_enough_that_every_site_noise_hides_its_limb_carries():
+    dp = _dp_plan()
+    assert dp.grid_bits > GAMMA.bit_length() - 1  # finer than the exact-sum grid here
+    limb_bits = 30  # 3 sites: quantization_range 2**30
+    for phase in Phase:
+        info = noisy_round(phase, dp, transformed=_site().transformed, features=FEATURES,
+                           instruction=[] if phase is Phase.MOMENTS else [
+                               np.array([5.0, 8.0]), np.array([1.0, 3.0]), np.zeros((3, 2))],
+                           honest=3, noise=NoiseSource(b"g"), limb_bits=limb_bits)[1]
+        assert min(info.site_std) >= 1.2 * 2**limb_bits
+    coarse = DpPlan(**{**dp.__dict__, "grid_bits": 24})
+    with pytest.raises(SiteRefusal, match="would not hide the carries") as info:
+        noisy_round(Phase.MOMENTS, coarse, transformed=_site().transformed, features=FEATURES,
+                    instruction=[], honest=3, noise=NoiseSource(b"g"), limb_bits=limb_bits)
+    assert info.value.code == "secagg"
+
+
 def test_one_customer_moves_each_round_by_at_most_its_sensitivity():
     rng = np.random.default_rng(1)
     low, high = transformed_bounds(tuple(BOUNDS.values()), FEATURES)
@@ -140,7 +158,8 @@ def test_noise_in_the_aggregate_has_the_calibrated_variance():
                                       honest=honest, noise=NoiseSource(bytes([seed, s])))
             replies.append(words)
         exact, _ = cluster_words((np.clip(transformed, low, high) - mean) / std, centres,
-                                 box=((low - mean) / std, (high - mean) / std), clip=dp.clip)
+                                 box=((low - mean) / std, (high - mean) / std), clip=dp.clip,
+                                 gamma=dp.gamma)
         for i in range(2):
             total = sum(r[i].astype(np.float64) for r in replies)
             noise.append((i, (total - 5 * exact[i]).ravel()))
@@ -180,7 +199,7 @@ def test_calibration_meets_the_target_without_wasting_it(epsilon):
 
 def test_dp_without_declared_bounds_is_refused_naming_the_feature():
     with pytest.raises(ConfigError, match=r"data\.clip\.visits=\[low,high\]"):
-        SecAggDpSettings().dp_plan(FEATURES, {"spend": (0.0, 1.0)})
+        SecAggDpSettings().dp_plan(FEATURES, {"spend": (0.0, 1.0)}, num_sites=3)
 
 
 # --- the site holds the budget ------------------------------------------------------------------
