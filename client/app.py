@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from client.audit import PRIVACY_RECORD, make_boundary_mod
 from client.secagg_guard import make_secagg_guard_mod
-from client.site_files import SiteFiles, site_id
+from client.site_files import SiteFiles, has_stable_identity, site_id
 from common import mask_prg
 from common.dp import NoiseSource, epsilon_spent, honest_sites, noisy_round
 from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
@@ -260,8 +260,10 @@ class SiteClient(NumPyClient):
         self.context = context
         self.policy = policy
         self.secagg = policy.mechanism == "secagg+"
-        self.files = None if site_root is None else SiteFiles(Path(site_root), site_id(context))
+        self.files = None if site_root is None else SiteFiles(
+            Path(site_root), site_id(context), stable_identity=has_stable_identity(context))
         self.noise_seed = noise_seed
+        self._done_before: dict[str, int] = {}
 
     def _session(self) -> SiteSession:
         record = self.context.state.config_records.get(SESSION_RECORD)
@@ -282,29 +284,38 @@ class SiteClient(NumPyClient):
             raise SiteRefusal("policy", f"this site holds {customers} consenting customers; its "
                               f"policy requires {self.policy.min_customers} (site.min_customers) "
                               "before it contributes to any sum.")
+        if plan.dp and customers > self.policy.max_customers:
+            raise SiteRefusal("policy", f"this site holds more than site.max_customers="
+                              f"{self.policy.max_customers} customers, the public cap its DP "
+                              "encoding checks are based on; raise it in the site's policy.")
         session = self._session()
         done = dict(session.counts)
         session.admit(plan, phase, [np.asarray(a) for a in parameters], groups=groups)
         if plan.dp:
-            self._charge_privacy(plan, phase, done)
+            self._check_budget(plan, done)
         if self.files is not None:
             self.files.admit_round(max_per_day=self.policy.max_rounds_per_day)
         self.context.state.config_records[SESSION_RECORD] = ConfigRecord(
             {"session": session.to_json()})
+        self._done_before = done
         return phase, groups
 
-    def _charge_privacy(self, plan: RunPlan, phase: Phase, done: dict[str, int]) -> None:
-        """Check the rest of the run against this site's budget; record this release first.
+    def _check_budget(self, plan: RunPlan, done: dict[str, int]) -> list[float]:
+        """Refuse unless the ledger plus every round this run still plans fits the budget.
 
         The site's own accountant (``dp_accounting``, :func:`common.dp.epsilon_spent`) composes
         every release in its ledger with every round this run still plans, this one included.
         If that exceeds ``(site.dp_epsilon, site.dp_delta)`` the request is refused before
         anything is computed -- at the run's first request when the plan itself is too
-        expensive. Otherwise the release is written to the ledger (on disk) before it is made.
+        expensive. Returns the ledger's noise multipliers.
         """
         if self.files is None:
             raise SiteRefusal("policy", "this site keeps no privacy ledger; it answers no DP "
                               "run.")
+        if not self.files.stable_identity:
+            raise SiteRefusal("policy", "this site has no stable name for its privacy ledger "
+                              "(node config fedseg-site-name); a node id changes when the node "
+                              "re-registers and would start a fresh budget.")
         dp = plan.dp_plan()
         spent = self.files.privacy_events()
         remaining = [dp.sigma[p] for p, n in dp.rounds.items()
@@ -318,12 +329,27 @@ class SiteClient(NumPyClient):
                 f"loss to epsilon={needed:.4f} at delta={budget_delta:g}; its budget is "
                 f"epsilon={budget_eps:g} (site.dp_epsilon) and {already:.4f} is already spent "
                 f"over {len(spent)} release(s) (ledger {self.files.privacy_ledger}).")
+        return spent
+
+    def charge_release(self, plan: RunPlan, phase: Phase) -> None:
+        """Record a computed release in the ledger (on disk) just before it is sent.
+
+        Under an exclusive lock the budget is checked again (another run of this site may have
+        spent in between) and the release appended, so concurrent runs cannot overspend; a
+        request refused for any reason before this point has cost nothing.
+        """
+        assert self.files is not None
+        dp = plan.dp_plan()
         sigma = dp.sigma[phase.value]
-        after = epsilon_spent([*spent, sigma], budget_delta)
-        self.files.record_release({
-            "at": time.time(), "run": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
-            "phase": phase.value, "noise_multiplier": sigma, "epsilon_after": after,
-            "delta": budget_delta})
+        budget_eps, budget_delta = self.policy.dp_epsilon, self.policy.dp_delta
+        with self.files.privacy_lock():
+            spent = self._check_budget(plan, self._done_before)
+            after = epsilon_spent([*spent, sigma], budget_delta)
+            self.files.record_release({
+                "at": time.time(),
+                "run": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
+                "phase": phase.value, "noise_multiplier": sigma, "epsilon_after": after,
+                "delta": budget_delta})
         self.context.state.config_records[PRIVACY_RECORD] = ConfigRecord({
             "epsilon_spent": after, "delta": budget_delta, "epsilon_budget": budget_eps,
             "noise_multiplier": sigma})
@@ -336,15 +362,22 @@ class SiteClient(NumPyClient):
         if plan.dp:
             if codec is None:
                 raise SiteRefusal("policy", "a DP run needs SecAgg+ (site.mechanism).")
+            # Rely on no more sites than both the plan and this SecAgg+ round announce: a
+            # server that inflates either would otherwise thin every site's noise share.
+            state = self.context.state.config_records[RECORD_KEY_STATE]
+            sites = min(plan.num_sites, int(state.get("sample_num", 0)))  # type: ignore[arg-type]
             honest = honest_sites(
-                plan.num_sites, dropouts=self.policy.dropouts_tolerated(plan.num_sites),
+                sites, dropouts=self.policy.dropouts_tolerated(sites),
                 collusion_fraction=self.policy.collusion_fraction)
             words, _ = noisy_round(phase, plan.dp_plan(), transformed=self.site.transformed,
                                    features=self.site.features,
                                    instruction=[np.asarray(a) for a in parameters],
                                    honest=honest, noise=NoiseSource(self.noise_seed),
-                                   limb_bits=codec.limb_bits)
-            return codec.encode_words(words), 1, {}
+                                   limb_bits=codec.limb_bits,
+                                   max_customers=self.policy.max_customers)
+            encoded = codec.encode_words(words)
+            self.charge_release(plan, phase)
+            return encoded, 1, {}
         if phase is Phase.MOMENTS:
             check_site_range(self.site)
         reply = site_statistics(self.site, phase, parameters, groups=groups)

@@ -9,10 +9,13 @@ multiplier), so its budget survives restarts and spans runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +26,24 @@ from common.errors import SiteRefusal
 DAY_SECONDS = 24 * 3600.0
 
 
+SITE_NAME_NODE = "fedseg-site-name"
+"""Node config key: the site's stable name (its files, above all its privacy ledger)."""
+
+
 def site_id(context: Context) -> str:
-    """Return the site's name in file names: the simulation partition id, else the node id."""
+    """Return the site's name in file names.
+
+    ``fedseg-site-name`` from the node config when set, else the simulation partition id, else
+    the node id (which changes whenever the node re-registers: no DP run is answered then).
+    """
+    if SITE_NAME_NODE in context.node_config:
+        return str(context.node_config[SITE_NAME_NODE])
     return str(context.node_config.get("partition-id", context.node_id))
+
+
+def has_stable_identity(context: Context) -> bool:
+    """Whether :func:`site_id` survives a restart (a name or a partition id, not a node id)."""
+    return SITE_NAME_NODE in context.node_config or "partition-id" in context.node_config
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class SiteFiles:
 
     root: Path
     site: str
+    stable_identity: bool = True
 
     @property
     def audit_log(self) -> Path:
@@ -85,6 +104,18 @@ class SiteFiles:
                     from exc
             events.append(value)
         return events
+
+    @contextlib.contextmanager
+    def privacy_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the privacy ledger (read-check-append is one step)."""
+        self.privacy_ledger.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.privacy_ledger.with_suffix(".lock")
+        with lock.open("a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def record_release(self, entry: dict[str, object]) -> None:
         """Append one release to the privacy ledger, on disk before anything is sent."""

@@ -108,7 +108,7 @@ class SecAggDpPrivacyConfig:
     clip: float = 2.5
     count_share: float = 0.1
     split: dict[str, float] = field(default_factory=lambda: {
-        "moments": 0.06, "init": 0.24, "lloyd": 0.42, "profile": 0.28})
+        "moments": 0.05, "init": 0.2, "lloyd": 0.25, "profile": 0.5})
 
 
 @dataclass

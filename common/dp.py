@@ -61,8 +61,12 @@ discrete Gaussian's sum is indistinguishable from the ideal one, so it is the be
 Sampler: Canonne-Kamath-Steinke's rejection sampler from a discrete Laplace, vectorised (as in
 TensorFlow Privacy's distributed discrete Gaussian) with float64 arithmetic on uniforms drawn
 from ChaCha20 keyed by 32 bytes from the operating system (``os.urandom``). Only tests pass a
-seed. The float64 evaluation makes each probability exact to ~2**-50 relative, far below
-anything that moves epsilon at the reported precision.
+seed. Precision: the geometric proposals ``floor(-t ln U)`` use 53-bit uniforms, so the
+probability of an atom ``k`` is off by a relative ``~ t * 2**-53 * exp(|k| / t)`` -- for the
+per-site scales used here (``t`` about ``2**27`` to ``2**31``) about ``1e-7`` to ``2e-6`` near the
+centre and ``1e-4`` at six stds, whose mass is ``~2e-9``. This is not inside the accounted
+(epsilon, delta); a sampler on exact integer arithmetic would remove it at ~100x the cost
+(open item, docs/SECURITY.md).
 
 Accounting
 ----------
@@ -113,7 +117,7 @@ grid (:attr:`DpPlan.grid_bits`) is chosen fine enough for this, and every site c
 
 DP_PHASES = (Phase.MOMENTS, Phase.INIT, Phase.LLOYD, Phase.PROFILE)
 
-DEFAULT_SPLIT = {"moments": 0.06, "init": 0.24, "lloyd": 0.42, "profile": 0.28}
+DEFAULT_SPLIT = {"moments": 0.05, "init": 0.2, "lloyd": 0.25, "profile": 0.5}
 """Default share of the run's budget (zCDP) per phase, spread evenly over its rounds."""
 
 
@@ -245,8 +249,8 @@ class DpPlan:
         if not FRACTION_BITS <= self.grid_bits <= MAX_GRID_BITS:
             raise ValueError(f"grid_bits={self.grid_bits} should be in [{FRACTION_BITS}, "
                              f"{MAX_GRID_BITS}].")
-        if not self.clip > 0 or not 0 < self.count_share < 1:
-            raise ValueError(f"clip={self.clip} should be > 0 and count_share="
+        if not 0 < self.clip <= 1e3 or not 0 < self.count_share < 1:
+            raise ValueError(f"clip={self.clip} should be in (0, 1000] and count_share="
                              f"{self.count_share} in (0, 1).")
         if any(not s > 0 for s in self.moments_shares) or \
                 abs(sum(self.moments_shares) - 1) > 1e-9:
@@ -366,8 +370,14 @@ class NoiseSource:
 
 
 def honest_sites(num_sites: int, *, dropouts: int, collusion_fraction: float) -> int:
-    """Sites whose noise shares a site relies on: planned minus droppable minus colluding."""
+    """Sites whose noise shares a site relies on: planned minus droppable minus colluding.
+
+    At least one colluder is assumed whenever ``collusion_fraction > 0`` (with 2 sites, the
+    other one).
+    """
     colluding = math.floor(collusion_fraction * num_sites)
+    if collusion_fraction > 0:
+        colluding = max(1, colluding)
     return max(1, num_sites - dropouts - colluding)
 
 
@@ -381,7 +391,12 @@ def transformed_bounds(
         if spec.transform == "log1p" and lo[0, j] <= -1:
             raise ValueError(f"feature {spec.name!r}: low bound {lo[0, j]} should be > -1 "
                              "for a log1p feature.")
-    return apply_transforms(lo, features)[0], apply_transforms(hi, features)[0]
+    low, high = apply_transforms(lo, features)[0], apply_transforms(hi, features)[0]
+    # A degenerate range would make the normalised moments divide by ~0 (inf * 0 = NaN).
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+            and np.all(high - low > 1e-9 * (1.0 + np.abs(low) + np.abs(high)))):
+        raise ValueError("declared bounds collapse to (almost) a point after the transform.")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -405,7 +420,7 @@ def _noise(sens: Sequence[float], shares: Sequence[float], sigma: float, honest:
 def moments_words(
     transformed: NDArray[np.float64], low: NDArray[np.float64], high: NDArray[np.float64],
     *, gamma: int = GAMMA,
-) -> tuple[list[NDArray[np.int64]], tuple[float, float, float]]:
+) -> tuple[list[NDArray[Any]], tuple[float, float, float]]:
     """Integer moments of clipped transformed records, normalised to the box; and sensitivities.
 
     Per customer ``[1, z, z**2 - 1/2]`` with ``z = (x - mid) / h`` in ``[-1, 1]`` per feature, so
@@ -416,11 +431,11 @@ def moments_words(
     """
     x = np.clip(np.asarray(transformed, dtype=np.float64), low, high)
     mid, half = (low + high) / 2, (high - low) / 2
-    z = np.clip((x - mid) / half, -1.0, 1.0)
+    z = np.clip(np.nan_to_num((x - mid) / half, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
     d = x.shape[1]
-    sz = np.rint(z * gamma).astype(np.int64).sum(axis=0)
-    sq = np.rint((z * z - 0.5) * gamma).astype(np.int64).sum(axis=0)
-    count = np.array([x.shape[0] * gamma], dtype=np.int64)
+    sz = exact_column_sums(np.rint(z * gamma).astype(np.int64))
+    sq = exact_column_sums(np.rint((z * z - 0.5) * gamma).astype(np.int64))
+    count = np.array([x.shape[0] * gamma], dtype=object)
     root = math.sqrt(d)
     sens = (float(gamma), gamma * root + root / 2, gamma * root / 2 + root / 2)
     return [count, sz, sq], sens
@@ -433,7 +448,7 @@ def cluster_words(
     box: tuple[NDArray[np.float64], NDArray[np.float64]],
     clip: float,
     gamma: int = GAMMA,
-) -> tuple[list[NDArray[np.int64]], tuple[float, float]]:
+) -> tuple[list[NDArray[Any]], tuple[float, float]]:
     """Per centre: sum of clipped offsets ``clip_C(x - c)`` and count, in grid units.
 
     Returns ``[sums (k, d), counts (k,)]`` and their L2 sensitivities.
@@ -442,15 +457,38 @@ def cluster_words(
 
     x = np.clip(np.asarray(scaled, dtype=np.float64), box[0], box[1])
     labels, _ = assign(x, centres)
-    u = x - centres[labels]
+    # Non-finite offsets (only from degenerate public inputs, refused upstream) count as 0.
+    u = np.nan_to_num(x - centres[labels], nan=0.0, posinf=0.0, neginf=0.0)
     norms = np.linalg.norm(u, axis=1)
     u *= np.minimum(1.0, clip / np.maximum(norms, 1e-300))[:, None]
     k, d = centres.shape
     words = np.rint(u * gamma).astype(np.int64)
-    sums = np.zeros((k, d), dtype=np.int64)
-    np.add.at(sums, labels, words)
-    counts = np.bincount(labels, minlength=k).astype(np.int64) * gamma
+    sums = exact_group_sums(words, labels, k)
+    counts = np.bincount(labels, minlength=k).astype(object) * gamma
     return [sums, counts], (gamma * clip + math.sqrt(d) / 2, float(gamma))
+
+
+def exact_group_sums(words: NDArray[np.int64], labels: NDArray[np.intp], k: int
+                     ) -> NDArray[np.object_]:
+    """Row sums per label as exact Python integers (no int64 overflow for any site size).
+
+    Each word (|w| < 2**62) is split into 32-bit halves summed separately in int64: a half-sum
+    over fewer than 2**31 rows cannot overflow.
+    """
+    low = words & np.int64(0xFFFFFFFF)
+    high = words >> np.int64(32)
+    sums_low = np.zeros((k, words.shape[1]), dtype=np.int64)
+    sums_high = np.zeros((k, words.shape[1]), dtype=np.int64)
+    np.add.at(sums_low, labels, low)
+    np.add.at(sums_high, labels, high)
+    return np.asarray(sums_high.astype(object) * (1 << 32) + sums_low.astype(object),
+                      dtype=object)
+
+
+def exact_column_sums(words: NDArray[np.int64]) -> NDArray[np.object_]:
+    """Column sums as exact Python integers (see :func:`exact_group_sums`)."""
+    labels = np.zeros(words.shape[0], dtype=np.intp)
+    return exact_group_sums(words, labels, 1)[0]
 
 
 def noisy_round(
@@ -463,7 +501,8 @@ def noisy_round(
     honest: int,
     noise: NoiseSource,
     limb_bits: int | None = None,
-) -> tuple[list[NDArray[np.int64]], RoundNoise]:
+    max_customers: int | None = None,
+) -> tuple[list[NDArray[Any]], RoundNoise]:
     """Compute a site's DP reply for one round: integer statistics plus its noise share.
 
     Parameters
@@ -480,8 +519,11 @@ def noisy_round(
         Sites whose noise this site relies on (:func:`honest_sites`).
     noise : NoiseSource
     limb_bits : int, optional
-        Bits of the SecAgg+ encoding's lowest limb; when given, the site refuses a round whose
-        noise share would not hide its carries (:data:`CARRY_FACTOR`).
+        Bits of the SecAgg+ encoding's limbs; when given, the site refuses a round whose noise
+        share would not hide the lowest limb's carries (:data:`CARRY_FACTOR`), or whose largest
+        possible value (from ``max_customers``, public) could carry into the second limb.
+    max_customers : int, optional
+        The site policy's public cap on its customers (used with ``limb_bits``).
 
     Returns
     -------
@@ -493,13 +535,22 @@ def noisy_round(
     low, high = transformed_bounds(plan.bounds, features)
     sigma = plan.sigma[phase.value]
     gamma = plan.gamma
+    from common.errors import SiteRefusal
+
     if phase is Phase.MOMENTS:
         words, sens = moments_words(transformed, low, high, gamma=gamma)
         info = _noise(sens, plan.moments_shares, sigma, honest)
     else:
         mean, std, centres = (np.asarray(a, dtype=np.float64) for a in instruction)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            box = ((low - mean) / std, (high - mean) / std)
+        # Public inputs only: a scaling or centres that make the box or offsets non-finite or
+        # huge would break the sensitivity bound (inf * 0 = NaN); refuse them.
+        if not all(np.all(np.isfinite(a)) and float(np.max(np.abs(a))) <= 2.0**20
+                   for a in (*box, centres)):
+            raise SiteRefusal("protocol", "the scaling or the centres put the declared bounds "
+                              "or a centre beyond 2**20 standardised units.")
         scaled = (np.clip(transformed, low, high) - mean) / std
-        box = ((low - mean) / std, (high - mean) / std)
         words, sens2 = cluster_words(scaled, centres, box=box, clip=plan.clip, gamma=gamma)
         info = _noise(sens2, (1 - plan.count_share, plan.count_share), sigma, honest)
         if phase is Phase.PROFILE:
@@ -508,11 +559,18 @@ def noisy_round(
                               total_std=info.total_std[::-1], site_std=info.site_std[::-1],
                               sigma=sigma)
     if limb_bits is not None and min(info.site_std) < CARRY_FACTOR * 2.0**limb_bits:
-        from common.errors import SiteRefusal
-
         raise SiteRefusal("secagg", f"this site's noise share (std {min(info.site_std):.3g} "
                           f"grid units) would not hide the carries of a {limb_bits}-bit limb; "
                           f"the plan's grid 2**-{plan.grid_bits} is too coarse.")
+    if limb_bits is not None and max_customers is not None:
+        # The public offset keeps a value below 2**(2L-1) - 2**(L-1) from carrying into the
+        # third limb; bound every entry from public numbers (never from this site's own n).
+        largest = max_customers * (gamma * max(1.0, plan.clip) + 1) + 10 * max(info.site_std)
+        if largest >= 2.0 ** (2 * limb_bits - 1) - 2.0 ** (limb_bits - 1):
+            raise SiteRefusal("secagg", f"with up to {max_customers} customers "
+                              f"(site.max_customers) on the plan's grid 2**-{plan.grid_bits}, "
+                              f"a value could reach 2**{math.log2(largest):.1f} and carry past "
+                              f"the second {limb_bits}-bit limb, revealing it.")
     noisy = [w + noise.discrete_gaussian(s, w.shape) for w, s in
              zip(words, info.site_std, strict=True)]
     return noisy, info

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -190,7 +191,7 @@ class SecAggPlusSumCodec:
             out.append(limbs.reshape(self.encoded_shape(values.shape)))
         return out
 
-    def encode_words(self, arrays: Sequence[NDArray[np.int64]]) -> list[NDArray[np.float64]]:
+    def encode_words(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[np.float64]]:
         """Encode statistics already on the fixed-point grid (integers, ``2**-FRACTION_BITS``).
 
         The differentially private path (:mod:`common.dp`) forms its sums and noise as integers
@@ -202,7 +203,9 @@ class SecAggPlusSumCodec:
         limit = int(MAX_ABS_VALUE) << FRACTION_BITS
         for index, arr in enumerate(arrays):
             words = np.asarray(arr)
-            if words.dtype.kind not in "iu":
+            if words.dtype.kind not in "iuO" or not all(
+                    isinstance(v, int | np.integer) and not isinstance(v, bool)
+                    for v in words.ravel().tolist()):
                 raise ProtocolError(f"statistic #{index} is not on the integer grid.")
             flat = [int(v) for v in words.ravel().tolist()]
             if flat and max(abs(v) for v in flat) >= limit:

@@ -75,6 +75,9 @@ class SitePolicy:
         This site's privacy budget over **everything it ever answers** (all runs, kept in its
         ledger on disk): a request whose release would take the composition past
         ``(dp_epsilon, dp_delta)`` is refused.
+    max_customers : int
+        Public cap on this site's customers under DP: the site checks from it, never from its
+        own count, that no encoded value can carry past its second SecAgg+ limb.
     """
 
     mechanism: str = "secagg+"
@@ -92,13 +95,14 @@ class SitePolicy:
     require_dp: bool = True
     dp_epsilon: float = 4.0
     dp_delta: float = 1e-6
+    max_customers: int = 10_000_000
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"site.mechanism={self.mechanism!r} should be one of {MECHANISMS}.")
         for name in ("min_sites", "min_customers", "max_k", "max_restarts",
                      "max_init_candidates", "max_init_rounds", "max_lloyd_rounds",
-                     "max_rounds_per_day", "failure_log2"):
+                     "max_rounds_per_day", "failure_log2", "max_customers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"site.{name}={getattr(self, name)} should be >= 1.")
         if self.min_sites < 2:

@@ -263,9 +263,9 @@ class DPKMeansCoordinator:
 
 def dp_rounds(init_rounds: int, lloyd_rounds: int) -> dict[str, int]:
     """Return the planned rounds per phase of a DP run."""
-    if init_rounds < 1 or lloyd_rounds < 0:
-        raise ValueError(f"init_rounds={init_rounds} should be >= 1 and lloyd_rounds="
-                         f"{lloyd_rounds} >= 0.")
+    if init_rounds < 1 or lloyd_rounds < 1:
+        raise ValueError(f"privacy.init_rounds={init_rounds} and privacy.lloyd_rounds="
+                         f"{lloyd_rounds} should both be >= 1.")
     return {"moments": 1, "init": init_rounds, "lloyd": lloyd_rounds, "profile": 1}
 
 

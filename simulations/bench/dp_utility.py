@@ -90,6 +90,8 @@ def main() -> None:
                         default=[DEFAULTS["lloyd_rounds"]])
     parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULTS["candidates"]])
     parser.add_argument("--clip", type=float, nargs="+", default=[DEFAULTS["clip"]])
+    parser.add_argument("--split", nargs="+", default=[None],
+                        help="budget split moments,init,lloyd,profile, e.g. 0.06,0.24,0.42,0.28")
     parser.add_argument("--no-central-dp", action="store_true",
                         help="skip the central-DP comparison (faster sweeps)")
     args = parser.parse_args()
@@ -103,10 +105,14 @@ def main() -> None:
             parts_idx = ByGroupPartition().split(population, num_sites=5, seed=seed)
             parts = [population.raw[p] for p in parts_idx]
             honest = honest_sites(len(parts), dropouts=0, collusion_fraction=1 / 3)
-            for eps, ir, lr, cand, clip in itertools.product(
-                    args.eps, args.init_rounds, args.lloyd_rounds, args.candidates, args.clip):
+            for eps, ir, lr, cand, clip, split_text in itertools.product(
+                    args.eps, args.init_rounds, args.lloyd_rounds, args.candidates, args.clip,
+                    args.split):
+                split = None if split_text is None else dict(zip(
+                    ("moments", "init", "lloyd", "profile"),
+                    (float(v) for v in split_text.split(",")), strict=True))
                 plan = make_plan(features, bounds, epsilon=eps, delta=args.delta,
-                                 init_rounds=ir, lloyd_rounds=lr, clip=clip)
+                                 init_rounds=ir, lloyd_rounds=lr, clip=clip, split=split)
                 nseed = f"{size}-{seed}-{eps}".encode()
                 cost, scaled, _ = one(parts, population.raw, features, plan, k=args.k,
                                       seed=seed, candidates=cand, honest=honest,
@@ -123,19 +129,20 @@ def main() -> None:
                     central = c_cost / c_ref.inertia_ * ref.inertia_
                 rows.append({"size": size, "seed": seed, "eps": eps, "init_rounds": ir,
                              "lloyd_rounds": lr, "candidates": cand, "clip": clip,
+                             "split": split_text or "default",
                              "ratio": cost / ref.inertia_,
                              "central_dp": None if central is None else central / ref.inertia_})
-    keys = ("size", "eps", "init_rounds", "lloyd_rounds", "candidates", "clip")
-    print("| customers | ε | init rounds | Lloyd rounds | candidates | clip | cost ratio vs "
-          "non-private central (median [min, max]) | central DP vs non-private (median [min, "
-          "max]) | federated / central DP (medians) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    keys = ("size", "eps", "init_rounds", "lloyd_rounds", "candidates", "clip", "split")
+    print("| customers | ε | init rounds | Lloyd rounds | candidates | clip | split | cost ratio "
+          "vs non-private central (median [min, max]) | central DP vs non-private (median "
+          "[min, max]) | federated / central DP (medians) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for group_key, group in itertools.groupby(sorted(rows, key=lambda r: [r[k] for k in keys]),
                                               key=lambda r: tuple(r[k] for k in keys)):
         members = list(group)
         ratio = [r["ratio"] for r in members]
         cdp = [r["central_dp"] for r in members if r["central_dp"] is not None]
-        size, eps, ir, lr, cand, clip = group_key
+        size, eps, ir, lr, cand, clip, split_name = group_key
 
         def fmt(v: list) -> str:
             if not v:
@@ -143,7 +150,8 @@ def main() -> None:
             return f"{np.median(v):.4f} [{min(v):.4f}, {max(v):.4f}]"
 
         versus = f"{np.median(ratio) / np.median(cdp):.4f}" if cdp else "-"
-        print(f"| {size:,} | {eps:g} | {ir} | {lr} | {cand} | {clip:g} | {fmt(ratio)} | "
+        print(f"| {size:,} | {eps:g} | {ir} | {lr} | {cand} | {clip:g} | {split_name} | "
+              f"{fmt(ratio)} | "
               f"{fmt(cdp)} | {versus} |")
     print(f"\n{len(rows)} runs in {time.perf_counter() - started:.0f} s; δ={args.delta:g}, "
           f"k={args.k}, 5 regional sites, noise calibrated for {honest} honest sites.")

@@ -22,6 +22,7 @@ from common.dp import (
     calibrate,
     cluster_words,
     epsilon_spent,
+    exact_group_sums,
     honest_sites,
     moments_words,
     noisy_round,
@@ -218,10 +219,12 @@ def test_a_server_asking_past_the_budget_gets_refusals_and_the_ledger_survives(t
     dp = _dp_plan(epsilon=1.0)
     plan = _run_plan(dp)
     policy = SitePolicy(dp_epsilon=1.3)  # one run of epsilon=1 fits, two compose to ~1.45
-    # Run 1: every planned round is admitted and recorded before it is answered.
+    # Run 1: a request is admitted (budget checked), then recorded before it is sent.
     client = SiteClient(_site(), _context(), policy=policy, site_root=tmp_path)
-    client.admit(_moments(plan), [])
     files = SiteFiles(tmp_path, "0")
+    client.admit(_moments(plan), [])
+    assert files.privacy_events() == []  # refused or not, nothing is charged before the release
+    client.charge_release(plan, Phase.MOMENTS)
     assert files.privacy_events() == [dp.sigma["moments"]]
     # The rest of run 1 as the site records it; then a restarted site (new context, new client)
     # reads the same ledger: a second run would take the composition past 1.3 -> refused.
@@ -258,3 +261,41 @@ def test_sites_refuse_plans_without_dp_and_dp_plans_that_do_not_match(tmp_path):
     with pytest.raises(SiteRefusal, match="do not match") as info:
         sneaky.check_against(SitePolicy(), features=("spend", "visits"), prg=mask_prg.PRG_ID)
     assert info.value.code == "protocol"
+
+
+def test_a_node_without_a_stable_name_answers_no_dp_run(tmp_path):
+    context = Context(run_id=3, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    client = SiteClient(_site(), context, policy=SitePolicy(), site_root=tmp_path)
+    with pytest.raises(SiteRefusal, match="no stable name") as info:
+        client.admit(_moments(_run_plan(_dp_plan())), [])
+    assert info.value.code == "policy"
+    named = Context(run_id=3, node_id=5, node_config={"fedseg-site-name": "lisbon"},
+                    state=RecordDict(), run_config={})
+    SiteClient(_site(), named, policy=SitePolicy(), site_root=tmp_path).admit(
+        _moments(_run_plan(_dp_plan())), [])
+    assert SiteFiles(tmp_path, "lisbon").privacy_ledger.parent.is_dir()
+
+
+def test_degenerate_scaling_or_centres_are_refused_before_anything_is_summed():
+    dp = _dp_plan()
+    for std, centres in ((np.array([5e-324, 1.0]), np.zeros((3, 2))),
+                         (np.array([1.0, 1.0]), np.array([[np.inf, 0.0]] * 3))):
+        with pytest.raises(SiteRefusal, match="beyond 2\\*\\*20") as info:
+            noisy_round(Phase.LLOYD, dp, transformed=_site().transformed, features=FEATURES,
+                        instruction=[np.array([5.0, 8.0]), std, centres], honest=3,
+                        noise=NoiseSource(b"d"))
+        assert info.value.code == "protocol"
+    with pytest.raises(ValueError, match="collapse"):
+        transformed_bounds(((0.0, 5e-324), (0.0, 1.0)), FEATURES)
+
+
+def test_sums_are_exact_for_any_site_size_and_the_second_limb_check_uses_the_public_cap():
+    words = np.full((3, 1), 2**61, dtype=np.int64)
+    assert exact_group_sums(words, np.zeros(3, dtype=np.intp), 1)[0, 0] == 3 * 2**61
+    dp = DpPlan(**{**_dp_plan().__dict__, "grid_bits": 34})
+    args = dict(transformed=_site().transformed, features=FEATURES, instruction=[], honest=3,
+                noise=NoiseSource(b"c"), limb_bits=25)
+    with pytest.raises(SiteRefusal, match=r"site\.max_customers") as info:
+        noisy_round(Phase.MOMENTS, dp, max_customers=10_000_000, **args)
+    assert info.value.code == "secagg"
+    noisy_round(Phase.MOMENTS, dp, max_customers=1_000, **args)  # same data, smaller cap: fine
