@@ -61,12 +61,11 @@ discrete Gaussian's sum is indistinguishable from the ideal one, so it is the be
 Sampler: Canonne-Kamath-Steinke's rejection sampler from a discrete Laplace, vectorised (as in
 TensorFlow Privacy's distributed discrete Gaussian) with float64 arithmetic on uniforms drawn
 from ChaCha20 keyed by 32 bytes from the operating system (``os.urandom``). Only tests pass a
-seed. Precision: the geometric proposals ``floor(-t ln U)`` use 53-bit uniforms, so the
-probability of an atom ``k`` is off by a relative ``~ t * 2**-53 * exp(|k| / t)`` -- for the
-per-site scales used here (``t`` about ``2**27`` to ``2**31``) about ``1e-7`` to ``2e-6`` near the
-centre and ``1e-4`` at six stds, whose mass is ``~2e-9``. This is not inside the accounted
-(epsilon, delta); a sampler on exact integer arithmetic would remove it at ~100x the cost
-(open item, docs/SECURITY.md).
+seed. Precision: the discrete Laplace proposals use CKS Algorithm 2 (exact integer uniforms,
+Bernoulli trials with probabilities in ``[e**-1, 1]``), so every atom is exact to ~``2**-50``
+relative near the centre and ~``3e-11`` at six stds (where only the Gaussian acceptance's
+53-bit comparison limits it). This residual is not inside the accounted (epsilon, delta); an
+all-integer Bernoulli(exp) would remove it at ~100x the cost.
 
 Accounting
 ----------
@@ -343,12 +342,51 @@ class NoiseSource:
         raw = np.frombuffer(self._stream.update(b"\0" * (8 * n)), dtype="<u8")
         return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
+    def uniform_below(self, t: int, n: int) -> NDArray[np.int64]:
+        """``n`` integers uniform on ``{0, ..., t - 1}``, exactly (rejection from 64 bits)."""
+        if not 1 <= t < 2**62:
+            raise ValueError(f"t={t} should be in [1, 2**62).")
+        limit = (2**64 // t) * t  # accept r < limit: each residue equally often
+        out = np.empty(0, dtype=np.int64)
+        while out.size < n:
+            batch = int(1.1 * (n - out.size)) + 8
+            raw = np.frombuffer(self._stream.update(b"\0" * (8 * batch)), dtype="<u8")
+            if limit < 2**64:
+                raw = raw[raw < np.uint64(limit)]
+            out = np.concatenate([out, (raw % np.uint64(t)).astype(np.int64)])
+        return out[:n]
+
+    def discrete_laplace(self, t: int, n: int) -> NDArray[np.int64]:
+        """``n`` samples with ``P(y) ~ exp(-|y| / t)`` on the integers (integer scale ``t``).
+
+        Canonne, Kamath & Steinke (2020), Algorithm 2, vectorised: ``U`` uniform on
+        ``{0..t-1}`` kept with probability ``exp(-U/t)``, ``V`` geometric with ratio ``e**-1``,
+        ``X = U + t V``, a random sign, ``-0`` rejected. Every probability it evaluates is in
+        ``[e**-1, 1]`` or ``1/2`` and compared with a 53-bit uniform, so each atom is exact to
+        about ``2**-50`` relative (sampling ``floor(-t ln U)`` directly would be off by
+        ``~ t 2**-53 e**(|y|/t)``, a lot at ``t ~ 2**30``).
+        """
+        out = np.empty(0, dtype=np.int64)
+        while out.size < n:
+            batch = int(1.8 * (n - out.size)) + 16
+            u = self.uniform_below(t, batch)
+            u = u[self.uniform(batch) < np.exp(-u / t)]
+            # V: P(V >= v) = e**-v; atoms exact to ~2**-53 e**v relative, and P(V > 36) < 3e-16.
+            v = np.floor(-np.log(self.uniform(u.size))).astype(np.int64)
+            x = u + t * v
+            negative = self.uniform(u.size) < 0.5
+            keep = ~(negative & (x == 0))
+            out = np.concatenate([out, np.where(negative, -x, x)[keep]])
+        return out[:n]
+
     def discrete_gaussian(self, sigma: float, shape: tuple[int, ...]) -> NDArray[np.int64]:
         """Draw ``N_Z(0, sigma**2)``: ``P(x) ~ exp(-x**2 / (2 sigma**2))`` on the integers.
 
-        Canonne, Kamath & Steinke (2020), Algorithm 3: propose ``Y`` from a discrete Laplace
-        of scale ``t = floor(sigma) + 1`` (difference of two geometric variables), accept with
-        probability ``exp(-(|Y| - sigma**2/t)**2 / (2 sigma**2))``.
+        Canonne, Kamath & Steinke (2020), Algorithm 3: propose ``Y`` from the discrete Laplace
+        of scale ``t = floor(sigma) + 1`` (:meth:`discrete_laplace`), accept with probability
+        ``exp(-(|Y| - sigma**2/t)**2 / (2 sigma**2))`` (a 53-bit uniform against a float64 exp:
+        exact to ~``2**-52 / p`` relative where the acceptance probability is ``p``, e.g.
+        ``3e-11`` at six stds).
         """
         if not (sigma >= 1 and math.isfinite(sigma)) or sigma > 2.0**50:
             raise ValueError(f"sigma={sigma} should be in [1, 2**50] grid units.")
@@ -357,12 +395,10 @@ class NoiseSource:
         out = np.empty(0, dtype=np.int64)
         while out.size < n:
             batch = max(16, int(1.6 * (n - out.size)) + 16)
-            u = self.uniform(3 * batch).reshape(3, batch)
-            g1 = np.floor(-t * np.log(u[0]))
-            g2 = np.floor(-t * np.log(u[1]))
-            y = g1 - g2
-            accept = u[2] < np.exp(-((np.abs(y) - sigma * sigma / t) ** 2) / (2 * sigma * sigma))
-            out = np.concatenate([out, y[accept].astype(np.int64)])
+            y = self.discrete_laplace(t, batch)
+            dist = np.abs(y).astype(np.float64) - sigma * sigma / t
+            accept = self.uniform(batch) < np.exp(-(dist * dist) / (2 * sigma * sigma))
+            out = np.concatenate([out, y[accept]])
         return out[:n].reshape(shape)
 
 

@@ -92,6 +92,24 @@ def test_discrete_gaussian_follows_its_pmf():
     assert stats.chi2.sf(chi2, df=int(keep.sum()) - 1) > 1e-3
 
 
+@pytest.mark.parametrize("t", [1, 3, 7])
+def test_discrete_laplace_and_exact_uniforms_follow_their_pmf(t):
+    source = NoiseSource(b"laplace")
+    draws = source.discrete_laplace(t, 100_000)
+    support = np.arange(-8 * t, 8 * t + 1)
+    pmf = np.exp(-np.abs(support) / t)
+    pmf /= pmf.sum()
+    observed = np.array([(draws == v).sum() for v in support])
+    expected = pmf * draws.size
+    keep = expected > 5
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert stats.chi2.sf(chi2, df=int(keep.sum()) - 1) > 1e-3
+    uniform = source.uniform_below(t + 2, 60_000)
+    assert uniform.min() == 0 and uniform.max() == t + 1
+    counts = np.bincount(uniform, minlength=t + 2)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
 def test_noise_sources_are_fresh_unless_a_test_seeds_them():
     a, b = NoiseSource(), NoiseSource()
     assert not np.array_equal(a.discrete_gaussian(1e6, (8,)), b.discrete_gaussian(1e6, (8,)))
