@@ -36,7 +36,7 @@ from client.audit import PRIVACY_RECORD, make_boundary_mod
 from client.secagg_guard import make_secagg_guard_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
 from common import mask_prg
-from common.dp import NoiseSource, epsilon_spent, honest_sites, noisy_round
+from common.dp import NoiseSource, epsilon_spent, noisy_round
 from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec, apply_transforms
 from common.kmeans import compute_stats
@@ -366,9 +366,7 @@ class SiteClient(NumPyClient):
             # server that inflates either would otherwise thin every site's noise share.
             state = self.context.state.config_records[RECORD_KEY_STATE]
             sites = min(plan.num_sites, int(state.get("sample_num", 0)))  # type: ignore[arg-type]
-            honest = honest_sites(
-                sites, dropouts=self.policy.dropouts_tolerated(sites),
-                collusion_fraction=self.policy.collusion_fraction)
+            honest = self.policy.relied_sites(sites)
             words, _ = noisy_round(phase, plan.dp_plan(), transformed=self.site.transformed,
                                    features=self.site.features,
                                    instruction=[np.asarray(a) for a in parameters],

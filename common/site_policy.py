@@ -78,6 +78,10 @@ class SitePolicy:
     max_customers : int
         Public cap on this site's customers under DP: the site checks from it, never from its
         own count, that no encoded value can carry past its second SecAgg+ limb.
+    dp_max_relied_sites : int
+        At most this many sites' noise shares are relied on (0: no cap). A site that knows how
+        many real sites its federation has sets it, so that a server announcing invented sites
+        (Sybils) cannot thin its noise share.
     """
 
     mechanism: str = "secagg+"
@@ -96,6 +100,7 @@ class SitePolicy:
     dp_epsilon: float = 4.0
     dp_delta: float = 1e-6
     max_customers: int = 10_000_000
+    dp_max_relied_sites: int = 0
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -110,6 +115,9 @@ class SitePolicy:
         if not 0.0 <= self.collusion_fraction < 1.0:
             raise ValueError(
                 f"site.collusion_fraction={self.collusion_fraction} should be in [0, 1).")
+        if self.dp_max_relied_sites < 0:
+            raise ValueError(f"site.dp_max_relied_sites={self.dp_max_relied_sites} should be "
+                             ">= 0 (0: no cap).")
         if not self.dp_epsilon > 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"site.dp_epsilon={self.dp_epsilon} should be > 0 and "
                              f"site.dp_delta={self.dp_delta} in (0, 1).")
@@ -156,6 +164,18 @@ class SitePolicy:
             return 0
         shares, threshold = self.required_secagg(num_sites)
         return num_sites - -(-num_sites * threshold // shares)
+
+    def relied_sites(self, num_sites: int) -> int:
+        """Sites whose noise shares this site relies on when ``num_sites`` are announced.
+
+        Announced minus tolerated dropouts minus assumed colluders
+        (:func:`common.dp.honest_sites`), capped by ``dp_max_relied_sites``.
+        """
+        from common.dp import honest_sites
+
+        relied = honest_sites(num_sites, dropouts=self.dropouts_tolerated(num_sites),
+                              collusion_fraction=self.collusion_fraction)
+        return min(relied, self.dp_max_relied_sites) if self.dp_max_relied_sites else relied
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (recorded in the site's log)."""

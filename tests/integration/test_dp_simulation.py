@@ -94,3 +94,22 @@ def test_a_server_that_keeps_asking_past_the_budget_gets_refusals(make_cfg, tmp_
     assert [p.read_text() for p in ledgers] == before  # nothing more was released
     logs = " ".join(p.read_text() for p in (sites / "site-logs").glob("site-*.log"))
     assert "site.dp_epsilon" in logs and "already spent" in logs
+
+
+def test_a_dp_run_tolerating_a_dropout_publishes_with_the_planned_epsilon(make_cfg, tmp_path):
+    """A site dies at round 2; with dropouts tolerated the others' noise still covers it."""
+    from simulations.faults import make_dropout_mod
+
+    cfg = make_cfg("data.num_customers=6000", "data.num_regions=4", "model.k=3", "seed=3",
+                   "strategy.accept_partial_rounds=true", "site.tolerate_dropouts=true")
+    summary = run(cfg, output_dir=tmp_path, client_mods=(
+        make_dropout_mod(site=1, server_round=2, stage="collect_masked_vectors"),))
+    dp = summary["differential_privacy"]
+    assert 0.99 <= dp["epsilon_spent"] <= 1.0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["num_sites"] for m in metrics[:3]] == [4, 3, 4]
+    # Every site charged exactly what it computed: the dropped site missed round 2.
+    for site in range(4):
+        ledger = (tmp_path / "site-state" / f"site-{site}-privacy.jsonl").read_text().splitlines()
+        assert len(ledger) == (6 if site == 1 else 7)
+        assert json.loads(ledger[-1])["epsilon_after"] <= 1.0

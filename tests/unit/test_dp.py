@@ -317,3 +317,13 @@ def test_sums_are_exact_for_any_site_size_and_the_second_limb_check_uses_the_pub
         noisy_round(Phase.MOMENTS, dp, max_customers=10_000_000, **args)
     assert info.value.code == "secagg"
     noisy_round(Phase.MOMENTS, dp, max_customers=1_000, **args)  # same data, smaller cap: fine
+
+
+def test_a_site_can_cap_the_sites_it_relies_on_against_invented_ones():
+    assert SitePolicy().relied_sites(5) == 4
+    assert SitePolicy().relied_sites(2) == 1  # with 2 sites the other one may collude
+    assert SitePolicy(tolerate_dropouts=True).relied_sites(10) == 10 - 3 - 3
+    # A server announcing 100 sites (97 of them its own) gets no thinner share from a site
+    # that knows its federation has 3.
+    assert SitePolicy().relied_sites(100) == 67
+    assert SitePolicy(dp_max_relied_sites=2).relied_sites(100) == 2
