@@ -60,3 +60,22 @@ def test_one_bad_cell_is_reported_with_its_row(table, position, bad):
             read_customer_csv(path, features=(FeatureSpec("visits"),), site_column="store")
     assert info.value.row == position + 1 and info.value.column == "visits"
     assert str(path) in str(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows)
+def test_the_columnar_fast_path_equals_the_reference_reader(table):
+    from client.csv_source import _header, _read_reference, _read_with_duckdb
+
+    features = (FeatureSpec("visits"), FeatureSpec("spend"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.csv"
+        _write(path, table)
+        header = _header(path, str(path))
+        assert header is not None
+        fast = _read_with_duckdb(path, header, features, "store", None)
+        slow = _read_reference(path, features=features, site_column="store")
+    assert fast is not None
+    np.testing.assert_array_equal(fast.raw, slow.raw)
+    assert fast.sites is not None and slow.sites is not None
+    assert fast.sites.tolist() == slow.sites.tolist()

@@ -252,3 +252,47 @@ def test_file_that_is_not_utf8_raises_data_error_naming_the_file(tmp_path):
         _read(path)
 
     _assert_names(info.value, path)
+
+
+# --- the columnar fast path -------------------------------------------------------------------
+
+def test_a_regular_file_is_read_by_duckdb_with_the_reference_result(tmp_path):
+    from client.csv_source import _header, _read_reference, _read_with_duckdb
+
+    rows = "\n".join(f"{i},x{i}@example.com,{i % 7},N {i},{i * 1.25},s{i % 3},g"
+                     for i in range(1, 501))
+    path = _write(tmp_path, f"{HEADER}\n{rows}\n")
+    header = _header(path, str(path))
+    assert header is not None
+    fast = _read_with_duckdb(path, header, FEATURES, "store", "segment")
+    assert fast is not None  # the fast path really reads it
+    slow = _read_reference(path, features=FEATURES, site_column="store", label_column="segment")
+    np.testing.assert_array_equal(fast.raw, slow.raw)
+    assert fast.sites is not None and slow.sites is not None and fast.labels is not None
+    assert fast.sites.tolist() == slow.sites.tolist()
+    assert fast.labels.tolist() == ["g"] * 500
+
+
+def test_gzip_files_are_read_directly_and_their_errors_keep_row_and_column(tmp_path):
+    import gzip
+
+    text = f"{HEADER}\n1,a@x.org,3,Ann,10.5,north,g\n2,b@x.org,4,Bob,7,south,g\n"
+    plain = _write(tmp_path, text)
+    packed = tmp_path / "customers.csv.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    np.testing.assert_array_equal(_read(packed).raw, _read(plain).raw)
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(gzip.compress(text.replace(",7,", ",seven,").encode()))
+    with pytest.raises(DataError, match="not a number") as info:
+        _read(broken)
+    _assert_names(info.value, broken, row=2, column="spend")
+
+
+def test_a_header_naming_a_requested_column_twice_is_refused(tmp_path):
+    path = _write(tmp_path, "visits,spend,store,spend\n1,2,a,3\n")
+    with pytest.raises(DataError, match="more than once") as info:
+        _read(path)
+    _assert_names(info.value, path, column="spend")
+    # A duplicated column nobody asked for is harmless.
+    ok = _write(tmp_path, "visits,spend,store,note,note\n1,2,a,x,y\n", name="ok.csv")
+    np.testing.assert_array_equal(_read(ok).raw, [[1.0, 2.0]])
