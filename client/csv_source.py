@@ -218,19 +218,7 @@ def _read_reference(
 ) -> CustomerColumns:
     """Line-by-line reference reader: the precise error for any irregular file.
 
-    Parameters
-    ----------
-    path : str or Path
-        The CSV file (header row, comma separated).
-    features : tuple of FeatureSpec
-        Numeric feature columns, in model order. Values must be finite numbers; ``log1p``
-        features must be > -1.
-    site_column, label_column : str, optional
-        Extra columns to keep (kept as strings).
-
-    Returns
-    -------
-    CustomerColumns
+    Same parameters and result as :func:`read_customer_csv` (without its header checks).
     """
     where = str(path)
     wanted = [f.name for f in features]
