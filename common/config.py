@@ -6,12 +6,14 @@ message naming the key, instead of deep inside a run.
 
 from __future__ import annotations
 
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from common.dp import DpSettings
 from common.site_policy import SitePolicy
 
 
@@ -93,25 +95,6 @@ class SecAggPrivacyConfig:
 
 
 @dataclass
-class SecAggDpPrivacyConfig:
-    """SecAgg+ plus customer-level DP held by the sites (``privacy=secagg_dp``, the default)."""
-
-    _target_: str = "server.app.SecAggDpSettings"
-    num_shares: float | None = None
-    reconstruction_threshold: float | None = None
-    timeout: float | None = None
-    epsilon: float = 1.0
-    delta: float = 1e-6
-    init_candidates: int = 40
-    init_rounds: int = 2
-    lloyd_rounds: int = 3
-    clip: float = 2.5
-    count_share: float = 0.1
-    split: dict[str, float] = field(default_factory=lambda: {
-        "moments": 0.05, "init": 0.2, "lloyd": 0.25, "profile": 0.5})
-
-
-@dataclass
 class NoPrivacyConfig:
     """No secure aggregation: sites send plain statistics (``privacy=none``, explicit)."""
 
@@ -140,6 +123,30 @@ def _site_policy_schema() -> type:
 
 
 SitePolicyConfig = _site_policy_schema()
+
+
+def _dp_privacy_schema() -> type:
+    """Build the ``privacy=secagg_dp`` schema: the SecAgg+ keys plus :class:`DpSettings`'s fields.
+
+    The DP fields and defaults are defined once, in ``common.dp.DpSettings``; the instantiated
+    target ``server.app.SecAggDpSettings`` combines both.
+    """
+    hints = get_type_hints(DpSettings)
+    specs: list[Any] = [
+        ("_target_", str, field(default="server.app.SecAggDpSettings")),
+        *[(f.name, f.type, field(default=f.default)) for f in fields(SecAggPrivacyConfig)
+          if f.name != "_target_"],
+        *[(f.name, hints[f.name], field(default_factory=f.default_factory)
+           if f.default is MISSING_FIELD else field(default=f.default))
+          for f in fields(DpSettings)],
+    ]
+    schema = make_dataclass("SecAggDpPrivacyConfig", specs)
+    schema.__doc__ = "SecAgg+ plus customer-level DP held by the sites (``privacy=secagg_dp``)."
+    return schema
+
+
+SecAggDpPrivacyConfig = _dp_privacy_schema()
+"""The default privacy config (``privacy=secagg_dp``), as a Hydra schema."""
 """Each site's own policy (``common.site_policy.SitePolicy``), as a Hydra schema."""
 
 

@@ -93,7 +93,7 @@ from numpy.typing import NDArray
 from common.errors import ConfigError
 from common.features import FeatureSpec, apply_transforms
 from common.protocol import Phase
-from common.secure_sum import FRACTION_BITS
+from common.secure_sum import FRACTION_BITS, quantization_range_for
 
 MECHANISM_ID = "distributed-discrete-gaussian/1"
 """Identifier of the noise mechanism and statistic layout a DP plan announces."""
@@ -313,6 +313,79 @@ class DpPlan:
                              f"2**-{MAX_GRID_BITS} hides the SecAgg+ carries; use a smaller "
                              "epsilon (or privacy=secagg, without DP).")
         return replace(self, grid_bits=bits)
+
+
+def dp_rounds(init_rounds: int, lloyd_rounds: int) -> dict[str, int]:
+    """Return the planned rounds per phase of a DP run."""
+    if init_rounds < 1 or lloyd_rounds < 1:
+        raise ValueError(f"privacy.init_rounds={init_rounds} and privacy.lloyd_rounds="
+                         f"{lloyd_rounds} should both be >= 1.")
+    return {"moments": 1, "init": init_rounds, "lloyd": lloyd_rounds, "profile": 1}
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    """The DP target and schedule of a run (``privacy=secagg_dp``), before calibration.
+
+    Attributes
+    ----------
+    epsilon, delta : float
+        The run's target; the server calibrates the noise of the planned rounds to it with
+        ``dp_accounting`` and refuses a plan that would spend more.
+    init_candidates, init_rounds, lloyd_rounds : int
+        The fixed DP schedule (each round costs budget; see server/dp_coordinator.py).
+    clip : float
+        L2 bound on a customer's offset from its centre (standardised units).
+    count_share : float
+        Share of a cluster round's budget spent on its counts.
+    split : dict
+        Share of the run's budget per phase (moments, init, lloyd, profile).
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-6
+    init_candidates: int = 40
+    init_rounds: int = 2
+    lloyd_rounds: int = 3
+    clip: float = 2.5
+    count_share: float = 0.1
+    split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
+
+    def dp_plan(self, features: tuple[FeatureSpec, ...],
+                bounds: dict[str, tuple[float, float]], *, num_sites: int) -> DpPlan:
+        """Calibrate the run's noise and return the public DP plan; refuse an impossible one.
+
+        The plan's grid is the coarsest on which every site's noise share hides the carries of
+        the SecAgg+ encoding's lowest limb for ``num_sites`` sites (``common.dp.CARRY_FACTOR``).
+        """
+        missing = [f.name for f in features if f.name not in bounds]
+        if missing:
+            raise ConfigError(
+                "differential privacy needs declared bounds for every feature (a customer's "
+                f"influence is bounded by them); none for {missing}. Declare them in the data "
+                "configuration, e.g. " + " ".join(f"+data.clip.{m}=[low,high]" for m in missing)
+                + " (values from domain knowledge, not read off the data), or run "
+                "privacy=secagg (exact sums, no DP).")
+        if self.init_candidates < 1:
+            raise ConfigError(f"privacy.init_candidates={self.init_candidates} should be >= 1.")
+        if set(self.split) != set(DEFAULT_SPLIT):
+            raise ConfigError(f"privacy.split={dict(self.split)} should name exactly "
+                              f"{sorted(DEFAULT_SPLIT)}.")
+        try:
+            rounds = dp_rounds(self.init_rounds, self.lloyd_rounds)
+            sigma = calibrate(self.epsilon, self.delta, rounds, self.split)
+            plan = DpPlan(epsilon=self.epsilon, delta=self.delta, sigma=sigma, rounds=rounds,
+                          bounds=tuple(bounds[f.name] for f in features), clip=self.clip,
+                          count_share=self.count_share)
+            limb_bits = quantization_range_for(max(num_sites, 2)).bit_length() - 1
+            plan = plan.with_grid_for(features, limb_bits, num_sites)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"privacy: {exc}") from exc
+        planned = plan.planned_epsilon()
+        if planned > self.epsilon * (1 + 1e-9):
+            raise ConfigError(f"the planned rounds would spend epsilon={planned:.4f} > "
+                              f"privacy.epsilon={self.epsilon}; nothing was started.")
+        return plan
 
 
 # --------------------------------------------------------------------------- noise

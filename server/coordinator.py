@@ -120,8 +120,30 @@ class RoundRecord:
         return dict(self.__dict__)
 
 
+class CoordinatorViews:
+    """Read-only views shared by the exact and the DP coordinators (fields they both define)."""
+
+    features: tuple[FeatureSpec, ...]
+    centres: NDArray[np.float64] | None
+    model_stats: ProfileStats | None
+
+    @property
+    def n_features(self) -> int:
+        """Number of features."""
+        return len(self.features)
+
+    @property
+    def done(self) -> bool:
+        """True once the profile round has been aggregated."""
+        return self.model_stats is not None
+
+    def n_centres(self) -> int:
+        """Centres the current phase sends to sites (0 in the moments phase)."""
+        return 0 if self.centres is None else int(self.centres.shape[0])
+
+
 @dataclass
-class KMeansCoordinator:
+class KMeansCoordinator(CoordinatorViews):
     """Drives the phases of federated k-means from summed site statistics.
 
     Parameters
@@ -150,20 +172,6 @@ class KMeansCoordinator:
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.settings.seed)
-
-    @property
-    def n_features(self) -> int:
-        """Number of features."""
-        return len(self.features)
-
-    @property
-    def done(self) -> bool:
-        """True once the profile round has been aggregated."""
-        return self.model_stats is not None
-
-    def n_centres(self) -> int:
-        """Centres the current phase sends to sites (0 in the moments phase)."""
-        return 0 if self.centres is None else int(self.centres.shape[0])
 
     def groups(self) -> int:
         """Independent centre sets in this round's centres (parallel Lloyd runs)."""

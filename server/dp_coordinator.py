@@ -36,7 +36,7 @@ from common.kmeans import weighted_kmeans
 from common.protocol import Phase, instruction_shapes, reply_shapes
 from common.scaling import GlobalScaler
 from common.segment_model import ProfileStats, SegmentModel
-from server.coordinator import KMeansSettings, RoundRecord
+from server.coordinator import CoordinatorViews, KMeansSettings, RoundRecord
 
 MIN_STD_FRACTION = 1e-3
 """A noisy variance is floored at this fraction of the feature's declared half-range, squared."""
@@ -46,7 +46,7 @@ COUNT_NOISE_FLOOR = 3.0
 
 
 @dataclass
-class DPKMeansCoordinator:
+class DPKMeansCoordinator(CoordinatorViews):
     """Drives the DP phases from noisy sums (same interface as ``KMeansCoordinator``).
 
     Parameters
@@ -80,23 +80,9 @@ class DPKMeansCoordinator:
         self._rng = np.random.default_rng(self.settings.seed)
 
     @property
-    def n_features(self) -> int:
-        """Number of features."""
-        return len(self.features)
-
-    @property
-    def done(self) -> bool:
-        """True once the profile round has been aggregated."""
-        return self.model_stats is not None
-
-    @property
     def released_multipliers(self) -> list[float]:
         """Noise multiplier of every round released so far (what the run has spent)."""
         return list(self._released)
-
-    def n_centres(self) -> int:
-        """Centres the current phase sends to sites (0 in the moments phase)."""
-        return 0 if self.centres is None else int(self.centres.shape[0])
 
     def groups(self) -> int:
         """One centre set per round under DP."""
@@ -259,14 +245,6 @@ class DPKMeansCoordinator:
             training=training,
             config=config,
         )
-
-
-def dp_rounds(init_rounds: int, lloyd_rounds: int) -> dict[str, int]:
-    """Return the planned rounds per phase of a DP run."""
-    if init_rounds < 1 or lloyd_rounds < 1:
-        raise ValueError(f"privacy.init_rounds={init_rounds} and privacy.lloyd_rounds="
-                         f"{lloyd_rounds} should both be >= 1.")
-    return {"moments": 1, "init": init_rounds, "lloyd": lloyd_rounds, "profile": 1}
 
 
 def expected_noise_summary(dp: DpPlan, features: tuple[FeatureSpec, ...]) -> dict[str, Any]:

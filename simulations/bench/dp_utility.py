@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import KMeans
 
-from common.dp import DEFAULT_SPLIT, DpPlan, calibrate, honest_sites
+from common.dp import DEFAULT_SPLIT, DpPlan, calibrate, dp_rounds, honest_sites
 from common.features import apply_transforms
 from common.kmeans import compute_stats
 from common.secure_sum import quantization_range_for
 from server.coordinator import KMeansSettings
-from server.dp_coordinator import dp_rounds
 from simulations.datasets import ByGroupPartition, SyntheticCustomers
 from simulations.inprocess import run_inprocess_dp
 

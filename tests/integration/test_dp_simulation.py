@@ -53,7 +53,8 @@ def test_a_dp_run_records_what_it_spent_everywhere(make_cfg, tmp_path):
         sent = [e for e in audit if e["stage"] == "collect_masked_vectors"]
         assert len(sent) == planned and all(e["privacy"]["epsilon_spent"] > 0 for e in sent)
         assert sent[-1]["privacy"]["epsilon_spent"] == pytest.approx(direct, rel=1e-5)
-    assert summary["cost_ratio"] < 1.1
+    # One fresh noise draw; twenty in-process draws of this set-up: median 1.001, worst 1.079.
+    assert summary["cost_ratio"] < 1.15
 
 
 def test_a_plan_beyond_the_sites_budget_is_refused_before_anything_starts(make_cfg, tmp_path):

@@ -21,6 +21,7 @@ from common.dp import (
     NoiseSource,
     calibrate,
     cluster_words,
+    dp_rounds,
     epsilon_spent,
     exact_group_sums,
     honest_sites,
@@ -33,7 +34,6 @@ from common.features import FeatureSpec, apply_transforms
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY, Phase
 from common.site_policy import RunPlan, SitePolicy
 from server.app import SecAggDpSettings
-from server.dp_coordinator import dp_rounds
 
 FEATURES = (FeatureSpec("spend", transform="log1p"), FeatureSpec("visits"))
 BOUNDS = {"spend": (0.0, 10_000.0), "visits": (0.0, 50.0)}
@@ -79,17 +79,20 @@ def test_discrete_gaussian_has_the_calibrated_variance(sigma):
     assert draws.astype(np.float64).var() == pytest.approx(sigma**2, rel=0.02)
 
 
+def _assert_follows(draws: np.ndarray, support: np.ndarray, weights: np.ndarray) -> None:
+    """Chi-square goodness of fit of integer draws to weights on a support (cells > 5)."""
+    expected = weights / weights.sum() * draws.size
+    observed = np.array([(draws == v).sum() for v in support])
+    keep = expected > 5
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert stats.chi2.sf(chi2, df=int(keep.sum()) - 1) > 1e-3
+
+
 def test_discrete_gaussian_follows_its_pmf():
     sigma = 2.5
     draws = NoiseSource(b"pmf").discrete_gaussian(sigma, (100_000,))
     support = np.arange(-12, 13)
-    pmf = np.exp(-support**2 / (2 * sigma**2))
-    pmf /= pmf.sum()
-    observed = np.array([(draws == v).sum() for v in support])
-    expected = pmf * draws.size
-    keep = expected > 5
-    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    assert stats.chi2.sf(chi2, df=int(keep.sum()) - 1) > 1e-3
+    _assert_follows(draws, support, np.exp(-support**2 / (2 * sigma**2)))
 
 
 @pytest.mark.parametrize("t", [1, 3, 7])
@@ -97,13 +100,7 @@ def test_discrete_laplace_and_exact_uniforms_follow_their_pmf(t):
     source = NoiseSource(b"laplace")
     draws = source.discrete_laplace(t, 100_000)
     support = np.arange(-8 * t, 8 * t + 1)
-    pmf = np.exp(-np.abs(support) / t)
-    pmf /= pmf.sum()
-    observed = np.array([(draws == v).sum() for v in support])
-    expected = pmf * draws.size
-    keep = expected > 5
-    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    assert stats.chi2.sf(chi2, df=int(keep.sum()) - 1) > 1e-3
+    _assert_follows(draws, support, np.exp(-np.abs(support) / t))
     uniform = source.uniform_below(t + 2, 60_000)
     assert uniform.min() == 0 and uniform.max() == t + 1
     counts = np.bincount(uniform, minlength=t + 2)
