@@ -15,8 +15,6 @@ import hashlib
 import importlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +31,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from numpy.typing import NDArray
 
 from client.audit import PRIVACY_RECORD, make_boundary_mod
+from client.audit_chain import HeadStore
+from client.gate import SiteData
 from client.secagg_guard import make_secagg_guard_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
 from common import mask_prg
 from common.dp import NoiseSource, epsilon_spent, noisy_round
-from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
-from common.features import FeatureSpec, apply_transforms
+from common.errors import ConfigError, ProtocolError, SiteRefusal
+from common.features import FeatureSpec
 from common.kmeans import compute_stats
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, Phase, parse_phase, reply_shapes
 from common.scaling import GlobalScaler, compute_moments
@@ -63,33 +63,6 @@ mask_prg.install(*SECAGG_MODULES)
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""
 
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """The records a site computes on: consenting customers, declared features only.
-
-    Attributes
-    ----------
-    raw : ndarray of shape (n_samples, n_features)
-        Raw feature values.
-    features : tuple of FeatureSpec
-        The public feature list (order of ``raw``'s columns).
-    """
-
-    raw: NDArray[np.float64]
-    features: tuple[FeatureSpec, ...]
-
-    def __post_init__(self) -> None:
-        if self.raw.ndim != 2 or self.raw.shape[1] != len(self.features):
-            raise DataError(
-                f"site data of shape {self.raw.shape} should have {len(self.features)} columns."
-            )
-
-    @cached_property
-    def transformed(self) -> NDArray[np.float64]:
-        """Features after their declared transforms (before global standardisation)."""
-        return apply_transforms(self.raw, self.features)
 
 
 SiteLoader = Callable[[Context], SiteData]
@@ -234,7 +207,10 @@ class SiteClient(NumPyClient):
 
     Parameters
     ----------
-    site : SiteData
+    site : SiteData or callable
+        The site's records, or a function returning them, called at the first message that
+        computes (so SecAgg+ key-exchange stages never read the data, and consent is checked
+        when the round's statistics are computed).
     context : flwr.app.Context
         The node's context (holds the SecAgg+ set-up of the round and the site's session).
     policy : SitePolicy
@@ -249,14 +225,14 @@ class SiteClient(NumPyClient):
 
     def __init__(
         self,
-        site: SiteData,
+        site: SiteData | Callable[[], SiteData],
         context: Context,
         *,
         policy: SitePolicy,
         site_root: str | Path | None = None,
         noise_seed: bytes | None = None,
     ) -> None:
-        self.site = site
+        self._site = site
         self.context = context
         self.policy = policy
         self.secagg = policy.mechanism == "secagg+"
@@ -264,6 +240,13 @@ class SiteClient(NumPyClient):
             Path(site_root), site_id(context), stable_identity=has_stable_identity(context))
         self.noise_seed = noise_seed
         self._done_before: dict[str, int] = {}
+
+    @property
+    def site(self) -> SiteData:
+        """The site's records (loaded through the site's loader on first use)."""
+        if not isinstance(self._site, SiteData):
+            self._site = self._site()
+        return self._site
 
     def _session(self) -> SiteSession:
         record = self.context.state.config_records.get(SESSION_RECORD)
@@ -421,6 +404,7 @@ def make_client_app(
     site_root: str | Path,
     extra_mods: Sequence[Mod] = (),
     noise_seed: bytes | None = None,
+    head_store: Callable[[Context], HeadStore | None] | None = None,
 ) -> ClientApp:
     """Build the site ClientApp.
 
@@ -437,13 +421,16 @@ def make_client_app(
         Outermost mods (tests record every outgoing message with one).
     noise_seed : bytes, optional
         Tests only: seeds the sites' DP noise (no configuration key reaches it).
+    head_store : callable, optional
+        ``context -> site store`` keeping the head hash of the site's audit log.
     """
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(site_loader(context), context, policy=policy,
+        return SiteClient(lambda: site_loader(context), context, policy=policy,
                           site_root=site_root, noise_seed=noise_seed).to_client()
 
-    mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism)]
+    mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism,
+                                                  head_store=head_store)]
     if policy.mechanism == "secagg+":
         mods.extend([require_secagg_mod, make_secagg_guard_mod(policy), secaggplus_mod])
     return ClientApp(client_fn=client_fn, mods=mods)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.common.serde import recorddict_to_proto
 
+from client.audit_chain import HeadStore
 from client.site_files import SiteFiles, site_id
 from common.errors import public_site_error, site_error_code
 
@@ -86,13 +89,27 @@ PRIVACY_RECORD = "fedseg.privacy"
 """Key of the site's privacy spend after its last DP release, in the node's context state."""
 
 
+SECAGG_PUBLIC_PARAMETERS = ("sample_num", "share_num", "threshold", "clipping_range",
+                            "target_range", "mod_range", "max_weight")
+"""SecAgg+ set-up values recorded in the audit log (public; the state's keys and seeds never)."""
+
+
+def secagg_parameters(context: Context) -> dict[str, Any] | None:
+    """Return the public SecAgg+ parameters of the site's current round, if any."""
+    record = context.state.config_records.get(RECORD_KEY_STATE)
+    if record is None:
+        return None
+    return {k: record[k] for k in SECAGG_PUBLIC_PARAMETERS if k in record}
+
+
 def privacy_state(context: Context) -> dict[str, Any] | None:
     """Return the site's DP spend so far (epsilon, delta, budget, last multiplier), if any."""
     record = context.state.config_records.get(PRIVACY_RECORD)
     return None if record is None else {str(k): v for k, v in record.items()}
 
 
-def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
+def make_boundary_mod(site_root: str | Path, *, mechanism: str,
+                      head_store: Callable[[Context], HeadStore | None] | None = None) -> Mod:
     """Return the site's outermost mod: sanitise errors, then audit whatever leaves.
 
     * Any exception raised below (a refusal, a data error naming a cell, a bug) becomes an
@@ -109,11 +126,15 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
         The site's directory (audit log, site log, round ledger).
     mechanism : str
         Privacy mechanism protecting the replies (``"secagg+"`` or ``"none"``).
+    head_store : callable, optional
+        ``context -> store``: where the site keeps the head hash of its audit log (its site
+        store), so that ``fedseg-site audit verify`` also detects lines cut from the end.
     """
     root = Path(site_root)
 
     def boundary_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        files = SiteFiles(root, site_id(context))
+        files = SiteFiles(root, site_id(context),
+                          head_store=None if head_store is None else head_store(context))
         stage = incoming_stage(message)
         code = None
         try:
@@ -136,11 +157,12 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str) -> Mod:
             "mechanism": mechanism if message.metadata.message_type == "train" else "none",
             "error_code": code,
             "privacy": privacy_state(context),
+            "secagg": secagg_parameters(context),
             **describe_message(reply),
         }
         try:
             files.append_audit(entry)
-        except OSError as exc:
+        except Exception as exc:  # unwritable, a torn / changed chain, the store: send nothing
             if code is None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=public_site_error("internal")), reply_to=message)

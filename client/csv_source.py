@@ -19,7 +19,7 @@ import gzip
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +41,14 @@ class CustomerColumns:
         Value of the site column per row, when one was requested.
     labels : ndarray of shape (n_rows,) of str or None
         Value of the label column per row, when one was requested.
+    invalid : dict of str to int
+        Rows excluded by reason (``on_invalid="quarantine"`` only).
     """
 
     raw: NDArray[np.float64]
     sites: NDArray[np.str_] | None
     labels: NDArray[np.str_] | None
+    invalid: dict[str, int] = field(default_factory=dict)
 
 
 def _rows(reader: Iterator[list[str]], where: str) -> Iterator[list[str]]:
@@ -104,6 +107,7 @@ def read_customer_csv(
     features: tuple[FeatureSpec, ...],
     site_column: str | None = None,
     label_column: str | None = None,
+    on_invalid: str = "error",
 ) -> CustomerColumns:
     """Read the declared columns of a customer-level CSV file (``.csv`` or ``.csv.gz``).
 
@@ -119,6 +123,9 @@ def read_customer_csv(
         features must be > -1.
     site_column, label_column : str, optional
         Extra columns to keep (kept as strings).
+    on_invalid : {"error", "quarantine"}
+        ``error`` stops at the first bad row (file, row and column named); ``quarantine``
+        excludes every bad row and counts it by reason in ``CustomerColumns.invalid``.
 
     Returns
     -------
@@ -126,6 +133,9 @@ def read_customer_csv(
     """
     path = Path(path)
     where = str(path)
+    if on_invalid not in ("error", "quarantine"):
+        raise DataError(f"on_invalid={on_invalid!r} should be 'error' or 'quarantine'.",
+                        path=where)
     wanted = [f.name for f in features]
     extra = [c for c in (site_column, label_column) if c is not None]
     _check_request(path, where, wanted, extra)
@@ -141,7 +151,7 @@ def read_customer_csv(
             if fast is not None:
                 return fast
     return _read_reference(path, features=features, site_column=site_column,
-                           label_column=label_column)
+                           label_column=label_column, on_invalid=on_invalid)
 
 
 def _read_with_duckdb(
@@ -215,11 +225,13 @@ def _read_reference(
     features: tuple[FeatureSpec, ...],
     site_column: str | None = None,
     label_column: str | None = None,
+    on_invalid: str = "error",
 ) -> CustomerColumns:
     """Line-by-line reference reader: the precise error for any irregular file.
 
     Same parameters and result as :func:`read_customer_csv` (without its header checks).
     """
+    invalid: dict[str, int] = {}
     where = str(path)
     wanted = [f.name for f in features]
     extra = [c for c in (site_column, label_column) if c is not None]
@@ -244,42 +256,59 @@ def _read_reference(
     for row_no, row in enumerate(reader, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
-        if len(row) != len(header):
-            raise DataError(
-                f"has {len(row)} fields; the header has {len(header)}.", path=where, row=row_no
-            )
-        values = []
-        for spec, idx in zip(features, feature_idx, strict=True):
-            cell = row[idx].strip()
-            try:
-                value = float(cell)
-            except ValueError as exc:
-                raise DataError(
-                    f"value {cell!r} is not a number; expected a numeric value.",
-                    path=where, row=row_no, column=spec.name,
-                ) from exc
-            if not math.isfinite(value):
-                raise DataError(f"value {cell!r} is not finite.", path=where, row=row_no,
-                                column=spec.name)
-            if spec.transform == "log1p" and value <= -1:
-                raise DataError(
-                    f"value {value:g} is <= -1; log1p needs values > -1.",
-                    path=where, row=row_no, column=spec.name,
-                )
-            values.append(value)
+        try:
+            parsed = _parse_row(row, row_no, header, features, feature_idx, site_idx, label_idx,
+                                where, site_column)
+        except DataError as exc:
+            if on_invalid == "error":
+                raise
+            key = f"{exc.column}: invalid value" if exc.column else "malformed row"
+            invalid[key] = invalid.get(key, 0) + 1
+            continue
+        values, site, label = parsed
         rows.append(values)
-        if site_idx is not None:
-            site = row[site_idx].strip()
-            if not site:
-                raise DataError("empty site value.", path=where, row=row_no,
-                                column=site_column)
+        if site is not None:
             sites.append(site)
-        if label_idx is not None:
-            labels.append(row[label_idx].strip())
+        if label is not None:
+            labels.append(label)
     if not rows:
-        raise DataError("no data rows after the header.", path=where)
+        raise DataError("no valid data rows after the header." if invalid else
+                        "no data rows after the header.", path=where)
     return CustomerColumns(
         raw=np.asarray(rows, dtype=np.float64).reshape(len(rows), len(features)),
         sites=np.asarray(sites, dtype=str) if site_idx is not None else None,
         labels=np.asarray(labels, dtype=str) if label_idx is not None else None,
+        invalid=invalid,
     )
+
+
+def _parse_row(row: list[str], row_no: int, header: list[str],
+               features: tuple[FeatureSpec, ...], feature_idx: list[int], site_idx: int | None,
+               label_idx: int | None, where: str, site_column: str | None
+               ) -> tuple[list[float], str | None, str | None]:
+    """Parse one data row; raise the DataError naming its row and column."""
+    if len(row) != len(header):
+        raise DataError(f"has {len(row)} fields; the header has {len(header)}.", path=where,
+                        row=row_no)
+    values = []
+    for spec, idx in zip(features, feature_idx, strict=True):
+        cell = row[idx].strip()
+        try:
+            value = float(cell)
+        except ValueError as exc:
+            raise DataError(f"value {cell!r} is not a number; expected a numeric value.",
+                            path=where, row=row_no, column=spec.name) from exc
+        if not math.isfinite(value):
+            raise DataError(f"value {cell!r} is not finite.", path=where, row=row_no,
+                            column=spec.name)
+        if spec.transform == "log1p" and value <= -1:
+            raise DataError(f"value {value:g} is <= -1; log1p needs values > -1.",
+                            path=where, row=row_no, column=spec.name)
+        values.append(value)
+    site = None
+    if site_idx is not None:
+        site = row[site_idx].strip()
+        if not site:
+            raise DataError("empty site value.", path=where, row=row_no, column=site_column)
+    label = row[label_idx].strip() if label_idx is not None else None
+    return values, site, label

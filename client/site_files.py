@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context
 
+from client.audit_chain import AuditChain, HeadStore
 from common.errors import SiteRefusal
 
 DAY_SECONDS = 24 * 3600.0
+
+
+def audit_head_name(log: Path) -> str:
+    """Return the log's key in the site store's head records (from its absolute path)."""
+    return hashlib.sha256(str(log.resolve()).encode()).hexdigest()[:40]
 
 
 SITE_NAME_NODE = "fedseg-site-name"
@@ -56,11 +63,14 @@ class SiteFiles:
         The site's directory (the run directory in simulation).
     site : str
         The site's name (:func:`site_id`).
+    head_store : HeadStore or None
+        Where the audit chain's head hash is recorded (the site store); None records it nowhere.
     """
 
     root: Path
     site: str
     stable_identity: bool = True
+    head_store: HeadStore | None = field(default=None, compare=False)
 
     @property
     def audit_log(self) -> Path:
@@ -135,11 +145,20 @@ class SiteFiles:
         with self.site_log.open("a", encoding="utf-8") as handle:
             handle.write(text)
 
-    def append_audit(self, entry: dict[str, object]) -> None:
-        """Append one JSON line to the audit log."""
-        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
-        with self.audit_log.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    def append_audit(self, entry: dict[str, object]) -> str:
+        """Append one entry to the hash-chained audit log, on disk before returning.
+
+        See :class:`client.audit_chain.AuditChain`: the line gets ``seq``, ``prev`` and
+        ``hash``, and the head is recorded in ``head_store`` when one is set. Raises
+        :class:`common.errors.ConfigError` when the log's last line is torn or unchained.
+
+        Returns
+        -------
+        str
+            The new line's hash.
+        """
+        return AuditChain(self.audit_log, head_store=self.head_store,
+                          name=audit_head_name(self.audit_log)).append(entry)
 
     def admit_round(self, *, max_per_day: int, now: float | None = None) -> int:
         """Count one more answered round, refusing when ``max_per_day`` are already spent.

@@ -37,6 +37,7 @@ class CsvDataConfig:
     transform: str = "none"
     label_column: str | None = None
     clip: dict[str, list[float]] = field(default_factory=dict)
+    on_invalid: str = "error"
 
 
 @dataclass
@@ -157,6 +158,8 @@ class FederationConfig:
     num_sites: int | None = None
     backend: str = "ray"
     cpus_per_site: float = 1.0
+    site_source: str = "sqlite"
+    sites_dir: str | None = None
 
 
 @dataclass

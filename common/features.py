@@ -26,6 +26,8 @@ class FeatureSpec:
         ``"none"`` or ``"log1p"``, applied before global standardisation.
     high_label, low_label : str
         Words used in segment names when a segment is well above / below average.
+    label : str
+        What a reader calls the feature (e.g. ``"Annual spend"``); defaults to the name.
     """
 
     name: str
@@ -33,6 +35,7 @@ class FeatureSpec:
     transform: str = "none"
     high_label: str = ""
     low_label: str = ""
+    label: str = ""
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -40,6 +43,11 @@ class FeatureSpec:
                 f"feature {self.name!r}: transform={self.transform!r} should be one of "
                 f"{', '.join(TRANSFORMS)}."
             )
+
+    @property
+    def title(self) -> str:
+        """What a reader calls the feature (``label``, else the name)."""
+        return self.label or self.name
 
     @property
     def high(self) -> str:

@@ -362,7 +362,7 @@ class SegmentModel:
             "created_at": self.created_at,
             "features": [
                 {"name": f.name, "unit": f.unit, "transform": f.transform,
-                 "high_label": f.high_label, "low_label": f.low_label}
+                 "high_label": f.high_label, "low_label": f.low_label, "label": f.label}
                 for f in self.features
             ],
             "scaling": {

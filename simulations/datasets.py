@@ -7,7 +7,7 @@ compute the centralised reference; the sites themselves only ever see their own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,16 @@ class Population:
         Names of the ground-truth segments (empty when unknown).
     description : str
         One line for progress output.
+    ids : ndarray of str or None
+        Customer ids (None: the site files number the rows).
+    identifiers : dict of str to ndarray
+        Direct identifiers per customer (name, email): written into the simulated sites'
+        sources so that the privacy gate is seen never to load them.
+    declined : Population or None
+        Customers who refused consent: written into the sites' sources with consent false,
+        excluded by the gate.
+    bounds : dict of str to (float, float)
+        Declared raw bounds per feature (data contract ``clip``).
     """
 
     raw: NDArray[np.float64]
@@ -47,6 +57,10 @@ class Population:
     labels: NDArray[np.int64] | None
     label_names: tuple[str, ...]
     description: str
+    ids: NDArray[np.str_] | None = None
+    identifiers: dict[str, NDArray[np.str_]] = field(default_factory=dict)
+    declined: Population | None = None
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def synthetic_features() -> tuple[FeatureSpec, ...]:
@@ -83,17 +97,20 @@ class SyntheticCustomers:
         except ValueError as exc:
             raise ConfigError(f"data=synthetic: {exc}") from exc
         keep = table.consent
-        return Population(
-            raw=table.features[keep],
-            features=synthetic_features(),
-            groups=table.region[keep],
-            labels=table.segment[keep].astype(np.int64),
-            label_names=tuple(s.name for s in SEGMENTS),
-            description=(
-                f"synthetic retail customers: {int(keep.sum())} of {len(table)} consented, "
-                f"{self.num_regions} regions, {len(SEGMENTS)} true segments"
-            ),
-        )
+
+        def part(mask: NDArray[np.bool_], description: str,
+                 declined: Population | None) -> Population:
+            return Population(
+                raw=table.features[mask], features=synthetic_features(),
+                groups=table.region[mask], labels=table.segment[mask].astype(np.int64),
+                label_names=tuple(s.name for s in SEGMENTS), description=description,
+                ids=table.customer_id[mask],
+                identifiers={"name": table.name[mask], "email": table.email[mask]},
+                declined=declined, bounds=self.declared_bounds())
+
+        return part(keep, (f"synthetic retail customers: {int(keep.sum())} of {len(table)} "
+                           f"consented, {self.num_regions} regions, {len(SEGMENTS)} true "
+                           "segments"), part(~keep, "declined consent", None))
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,7 @@ class CsvCustomers:
     transform: str = "none"
     label_column: str | None = None
     clip: dict[str, list[float]] | None = None
+    on_invalid: str = "error"
 
     def clip_bounds(self) -> dict[str, tuple[float, float]]:
         """Return the validated ``data.clip``: feature -> (low, high)."""
@@ -141,7 +159,7 @@ class CsvCustomers:
         path = Path(to_absolute_path(self.path)) if _in_hydra() else Path(self.path)
         bounds = self.clip_bounds()
         cols = read_customer_csv(path, features=specs, site_column=self.site_column,
-                                 label_column=self.label_column)
+                                 label_column=self.label_column, on_invalid=self.on_invalid)
         assert cols.sites is not None
         clipped = []
         for j, spec in enumerate(specs):
@@ -162,10 +180,14 @@ class CsvCustomers:
             groups=cols.sites,
             labels=None if labels is None else labels.astype(np.int64),
             label_names=names,
+            bounds=bounds,
             description=(
                 f"{path.name}: {cols.raw.shape[0]} customers, {len(specs)} features "
                 f"({self.transform}), {len(np.unique(cols.sites))} values of "
                 f"{self.site_column!r}" + ("; " + "; ".join(clipped) if clipped else "")
+                + ("; excluded as invalid: " + ", ".join(
+                    f"{n} ({reason})" for reason, n in cols.invalid.items())
+                   if cols.invalid else "")
             ),
         )
 

@@ -36,6 +36,7 @@ from server.app import run_federated_kmeans
 from server.coordinator import RoundRecord
 from simulations.datasets import PartitionedSites
 from simulations.run import build_sites, plan_from_config, site_policy_from_config
+from simulations.site_sources import open_gate
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -52,6 +53,8 @@ def compose_config(overrides: str) -> DictConfig:
 
 SITE_OVERRIDES_ENV, SITE_OVERRIDES_NODE = "FEDSEG_SITE_OVERRIDES", "fedseg-site-overrides"
 SITE_DIR_ENV, SITE_DIR_NODE = "FEDSEG_SITE_DIR", "fedseg-site-dir"
+SITE_CONTRACT_NODE = "fedseg-contract"
+"""Node config: the site's data contract; its records are then read through its privacy gate."""
 DEFAULT_SITE_DIR = "outputs/flwr-sites"
 
 
@@ -81,6 +84,9 @@ def _site_app(site_overrides: str, site_dir: str) -> ClientApp:
     policy = site_policy_from_config(cfg.site, secagg=None)
 
     def loader(context: Context) -> SiteData:
+        contract = context.node_config.get(SITE_CONTRACT_NODE)
+        if contract is not None:  # a site with its own data behind its privacy gate
+            return open_gate(str(contract)).load().site
         sites = _sites(site_overrides, int(context.node_config.get("num-partitions", 0)))
         return sites(context)
 

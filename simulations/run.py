@@ -39,7 +39,8 @@ from common.kmeans import compute_stats
 from common.site_policy import SitePolicy, policy_summary
 from server.app import FederationPlan, RunResult, SecAggDpSettings, make_server_app
 from server.coordinator import KMeansSettings, RoundRecord
-from simulations.datasets import PartitionedSites, Population
+from simulations.datasets import Population
+from simulations.site_sources import GatedSites, open_gate, write_sites
 
 register_configs()
 
@@ -331,9 +332,19 @@ def run(
                                  coordinator_factory=coordinator_factory)
     for stale in ("site-logs", "site-state"):
         shutil.rmtree(out / stale, ignore_errors=True)
+    sites_dir = Path(cfg.federation.sites_dir) if cfg.federation.sites_dir else out / "sites"
+    contracts = write_sites(population, parts, sites_dir=sites_dir, state_dir=out,
+                            fmt=str(cfg.federation.site_source))
+    gates = [open_gate(str(c)).load().report for c in contracts]
+    _say(f"privacy gate: {len(contracts)} site sources ({cfg.federation.site_source}) under "
+         f"{sites_dir}; {sum(g.used for g in gates)} of {sum(g.rows_read for g in gates)} "
+         "customers take part (" + ", ".join(
+             f"{sum(g.excluded[r] for g in gates)} {r.replace('_', ' ')}"
+             for r in gates[0].excluded) + ")")
+    gated = GatedSites(contracts=tuple(str(c) for c in contracts))
     client_app = make_client_app(
-        PartitionedSites(parts=tuple(population.raw[p] for p in parts),
-                         features=population.features),
+        gated,
+        head_store=gated.store,
         policy=policy,
         site_root=str(out),
         extra_mods=client_mods,
@@ -394,6 +405,7 @@ def run(
         "seed": seed,
         "differential_privacy": model.privacy.get("differential_privacy"),
         "site_privacy": _site_privacy(out / "site-state"),
+        "site_gates": [g.to_dict() for g in gates],
     }
     if population.labels is not None:
         summary["ari_vs_truth"] = float(adjusted_rand_score(population.labels, fed_labels))

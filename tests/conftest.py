@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from common.config import register_configs
+from tests.postgres_server import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -35,3 +36,19 @@ def wholesale_csv() -> Path:
     if not path.is_file():
         pytest.skip(f"real-data test: {path} is absent (../shared/data is not part of the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server per test session (stopped and removed at the end)."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """URL of database ``fedseg`` on the session's PostgreSQL server (``postgresql+psycopg``).
+
+    Fails (never skips) when PostgreSQL is not installed: ``.ci/run`` installs it.
+    """
+    return postgres_server.url

@@ -87,7 +87,8 @@ def test_undeclared_columns_are_not_returned_anywhere(tmp_path):
 
     cols = _read(path)
 
-    assert [f.name for f in dataclasses.fields(cols)] == ["raw", "sites", "labels"]
+    assert [f.name for f in dataclasses.fields(cols)] == ["raw", "sites", "labels", "invalid"]
+    assert cols.invalid == {}  # counts only, and none here
     assert cols.raw.shape == (2, len(FEATURES))
     assert cols.labels is None
     assert cols.sites is not None
@@ -296,3 +297,14 @@ def test_a_header_naming_a_requested_column_twice_is_refused(tmp_path):
     # A duplicated column nobody asked for is harmless.
     ok = _write(tmp_path, "visits,spend,store,note,note\n1,2,a,x,y\n", name="ok.csv")
     np.testing.assert_array_equal(_read(ok).raw, [[1.0, 2.0]])
+
+
+def test_quarantine_excludes_and_counts_bad_rows_instead_of_stopping(tmp_path: Path) -> None:
+    path = _write(tmp_path, "store,spend,visits\nA,1.5,2\nA,oops,3\nB,2.5,4\nB,1,2,9\n,3,3\n")
+    with pytest.raises(DataError, match="row 2"):
+        read_customer_csv(path, features=FEATURES[:2], site_column="store")
+    cols = read_customer_csv(path, features=FEATURES[:2], site_column="store",
+                             on_invalid="quarantine")
+    np.testing.assert_array_equal(cols.raw, [[2.0, 1.5], [4.0, 2.5]])  # (visits, spend)
+    assert cols.invalid == {"spend: invalid value": 1, "malformed row": 1,
+                            "store: invalid value": 1}

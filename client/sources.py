@@ -1,0 +1,621 @@
+"""Read what a data contract allows from its source, with column projection, into typed arrays.
+
+Three kinds of source, one result (:class:`SourceRows`):
+
+* **CSV** (``.csv`` / ``.csv.gz``) and **Parquet** files are read by DuckDB. Only the columns the
+  contract names are projected (a CSV's other columns are split off as text and never parsed;
+  a Parquet file's other columns are never decoded). Casting, vocabulary lookup and, for
+  transaction-level sources, the aggregation to customer features all run inside the engine.
+* **SQL** tables (any SQLAlchemy URL; SQLite and PostgreSQL tested) are queried for the named
+  columns only, ordered by the subject id; a transaction-level table is aggregated by the
+  database itself (``GROUP BY``).
+
+Nothing here decides what is valid or who may take part: invalid cells become ``NaN`` (numbers,
+booleans) or ``-1`` (categories), and :mod:`client.gate` applies the contract's ``on_invalid``
+rule. Messages name the file (or URL and table), the row and the column, never a cell's value.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from client.contract import DataContract, FeatureContract, quote_identifier, source_columns
+from common.errors import DataError
+
+_TRUE = ("true", "1", "yes", "y", "t")
+_FALSE = ("false", "0", "no", "n", "f")
+
+
+@dataclass
+class SourceRows:
+    """Customer rows read from a source, typed but not yet validated.
+
+    Attributes
+    ----------
+    location : str
+        The file, or URL and table, for messages.
+    ids : ndarray of object, shape (n,)
+        Raw subject ids (``None`` or ``""`` where missing). They never leave the gate.
+    rows : ndarray of int64, shape (n,)
+        1-based row of each customer in the source (data rows of a file, rows of the query
+        ordered by subject id, or customers ordered by id for transaction sources).
+    values : dict of str to ndarray
+        Per contract feature: float64 (numeric and boolean, ``NaN`` where empty or invalid)
+        or int64 vocabulary index (categorical, ``-1`` where invalid).
+    consent : ndarray of float64 or None
+        The consent column (1, 0, ``NaN`` where not a boolean) when consent lives in a column.
+    rejected : list of (int, str)
+        Rows the reader could not split into fields: (line, reason).
+    transactions : dict of str to int
+        For transaction sources: rows read, rows invalid, rows after ``as_of``.
+    """
+
+    location: str
+    ids: NDArray[Any]
+    rows: NDArray[np.int64]
+    values: dict[str, NDArray[Any]]
+    consent: NDArray[np.float64] | None = None
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    transactions: dict[str, Any] = field(default_factory=dict)
+    row_label: str = "row"
+
+    def __len__(self) -> int:
+        """Return the number of customer rows."""
+        return int(self.ids.shape[0])
+
+
+# -- file sources (DuckDB) -------------------------------------------------------------------
+
+
+def _csv_header(path: Path, where: str) -> list[str]:
+    try:
+        opener: Any = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            first = next(csv.reader(handle), None)
+    except FileNotFoundError:
+        raise DataError("file not found (check source.path in the contract).",
+                        path=where) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the header is not UTF-8 text (byte {exc.start}).", path=where) from None
+    except (OSError, EOFError, csv.Error, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"cannot be read as CSV ({exc}).", path=where) from None
+    if not first:
+        raise DataError("the file is empty; expected a header row.", path=where)
+    return [h.strip() for h in first]
+
+
+def _check_columns(header: list[str], wanted: list[str], where: str) -> None:
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        # The names are not quoted back: a file without its header row would show its first
+        # customer's values here.
+        raise DataError(f"missing column(s) {missing} named by the contract; the source has "
+                        f"{len(header)} column(s) and none of these names (is the header row "
+                        "missing, or a column renamed?). `fedseg-site check` lists the source's "
+                        "columns.", path=where, column=missing[0])
+    twice = sorted({c for c in wanted if header.count(c) > 1})
+    if twice:
+        raise DataError(f"the header names column(s) {twice} more than once; which one to use "
+                        "is ambiguous. Rename the duplicates.", path=where, column=twice[0])
+
+
+def _typed(expr: str, f: FeatureContract, params: list[Any], *, text: bool) -> str:
+    """Return SQL (DuckDB) turning one source column into the feature's typed value."""
+    cell = f"trim(CAST({expr} AS VARCHAR))"
+    if f.type == "numeric":
+        return f"TRY_CAST({cell} AS DOUBLE)" if text else f"TRY_CAST({expr} AS DOUBLE)"
+    if f.type == "boolean":
+        return (f"CASE WHEN lower({cell}) IN {_TRUE} THEN 1.0 "
+                f"WHEN lower({cell}) IN {_FALSE} THEN 0.0 ELSE NULL END")
+    params.append(list(f.vocabulary or []))
+    return f"coalesce(list_position(?, {cell}), 0) - 1"
+
+
+def _fetch(con: Any, sql: str, params: list[Any], where: str) -> dict[str, Any]:
+    import duckdb
+
+    try:
+        return dict(con.execute(sql, params).fetchnumpy())
+    except duckdb.Error as exc:
+        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+
+
+def _float(column: Any) -> NDArray[np.float64]:
+    values = np.asarray(np.ma.filled(column, np.nan) if np.ma.isMaskedArray(column) else column,
+                        dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _ints(column: Any) -> NDArray[np.int64]:
+    filled = np.ma.filled(column, -1) if np.ma.isMaskedArray(column) else column
+    return np.asarray(filled, dtype=np.int64)
+
+
+def _objects(column: Any) -> NDArray[Any]:
+    if np.ma.isMaskedArray(column):
+        out = np.asarray(column.data, dtype=object)
+        out[np.ma.getmaskarray(column)] = None
+        return out
+    return np.asarray(column, dtype=object)
+
+
+def _file_relation(contract: DataContract, con: Any) -> tuple[str, dict[str, str], str,
+                                                               list[Any]]:
+    """Return (FROM clause, column -> SQL expression, where, params) for a file source."""
+    assert contract.source.path is not None
+    path = contract.resolve(contract.source.path)
+    where = str(path)
+    if not path.is_file():
+        raise DataError("file not found (check source.path in the contract).", path=where)
+    wanted = source_columns(contract)
+    if contract.source.kind == "parquet":
+        import duckdb
+
+        try:
+            described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)",
+                                    [str(path)]).fetchall()
+        except duckdb.Error as exc:
+            raise DataError(f"is not a readable Parquet file ({str(exc).splitlines()[0]}).",
+                            path=where) from None
+        header = [str(row[0]) for row in described]
+        _check_columns(header, wanted, where)
+        exprs = {c: quote_identifier(c) for c in wanted}
+        return ("read_parquet(?, file_row_number=true)", exprs, where, [str(path)])
+    header = _csv_header(path, where)
+    _check_columns(header, wanted, where)
+    columns = "{" + ", ".join(f"'c{i}': 'VARCHAR'" for i in range(len(header))) + "}"
+    options = ("header=true, delim=',', quote='\"', escape='\"', strict_mode=true, "
+               "null_padding=false, store_rejects=true, auto_detect=false")
+    exprs = {c: f"c{header.index(c)}" for c in wanted}
+    return (f"read_csv(?, columns={columns}, {options})", exprs, where, [str(path)])
+
+
+def _rejects(con: Any, kind: str) -> list[tuple[int, str]]:
+    if kind != "csv":
+        return []
+    rows = con.execute("SELECT line, error_type FROM reject_errors ORDER BY line").fetchall()
+    return [(int(line), str(kind_).lower().replace("_", " ")) for line, kind_ in rows]
+
+
+def _read_csv_python(contract: DataContract) -> SourceRows:
+    """Record-by-record reader for CSV files DuckDB cannot split (mixed line endings, ...).
+
+    Slower, same result: each record that does not have the header's number of fields is
+    rejected with its record number; the projected cells are typed like a SQL source's.
+    """
+    assert contract.source.path is not None
+    path = contract.resolve(contract.source.path)
+    where = str(path)
+    try:
+        opener: Any = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip() for h in next(reader, [])]
+            wanted = source_columns(contract)
+            _check_columns(header, wanted, where)
+            index = [header.index(c) for c in wanted]
+            cells: list[list[str]] = [[] for _ in wanted]
+            rows: list[int] = []
+            rejected: list[tuple[int, str]] = []
+            for number, record in enumerate(reader, start=1):
+                if not record:
+                    continue  # an empty line (a record of blank fields is a row: invalid)
+                if len(record) != len(header):
+                    rejected.append((number + 1, "too many columns" if len(record) >
+                                     len(header) else "missing columns"))
+                    continue
+                rows.append(number)
+                for out, i in zip(cells, index, strict=True):
+                    out.append(record[i])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"is not UTF-8 text (byte {exc.start}); expected a UTF-8 CSV file.",
+                        path=where) from None
+    except (OSError, EOFError, csv.Error, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"cannot be read as CSV ({exc}).", path=where) from None
+    columns = dict(zip(wanted, cells, strict=True))
+    result = _typed_python(contract, columns, where)
+    result.rows = np.asarray(rows, dtype=np.int64)
+    result.rejected = rejected
+    return result
+
+
+def _read_file_customers(contract: DataContract) -> SourceRows:
+    import duckdb
+
+    where = contract.source_location
+    con = duckdb.connect()
+    try:
+        relation, exprs, where, params = _file_relation(contract, con)
+        text = contract.source.kind == "csv"
+        parts = [f"trim(CAST({exprs[contract.subject_id]} AS VARCHAR)) AS id"]
+        extra: list[Any] = []
+        for j, f in enumerate(contract.features):
+            parts.append(f"{_typed(exprs[f.source_column], f, extra, text=text)} AS v{j}")
+        if contract.consent.column:
+            flag = FeatureContract(name="consent", type="boolean")
+            parts.append(f"{_typed(exprs[contract.consent.column], flag, extra, text=text)} "
+                         "AS consent")
+        parts.append("file_row_number + 1 AS rn" if contract.source.kind == "parquet"
+                     else "row_number() OVER () AS rn")
+        # list parameters of vocabularies come before the file path in the statement text
+        sql = f"SELECT {', '.join(parts)} FROM {relation}"
+        try:
+            result = dict(con.execute(sql, [*extra, *params]).fetchnumpy())
+        except duckdb.Error:
+            if contract.source.kind != "csv":
+                raise
+            return _read_csv_python(contract)
+        rejected = _rejects(con, contract.source.kind)
+    except duckdb.Error as exc:
+        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+    finally:
+        con.close()
+    values: dict[str, NDArray[Any]] = {}
+    for j, f in enumerate(contract.features):
+        values[f.name] = _ints(result[f"v{j}"]) if f.type == "categorical" \
+            else _float(result[f"v{j}"])
+    return SourceRows(
+        location=where, ids=_objects(result["id"]),
+        rows=np.asarray(result["rn"], dtype=np.int64), values=values,
+        consent=_float(result["consent"]) if contract.consent.column else None,
+        rejected=rejected, row_label="row")
+
+
+_NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+            "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL")
+
+
+def _typed_exprs(contract: DataContract, con: Any, kind: str, exprs: dict[str, str],
+                 params: list[Any]) -> dict[str, str]:
+    """Typed SQL per transaction column; Parquet columns already typed skip the text round trip."""
+    t = contract.transactions
+    assert t is not None
+    types: dict[str, str] = {}
+    if kind == "parquet":
+        types = {str(r[0]): str(r[1]) for r in con.execute(
+            "DESCRIBE SELECT * FROM read_parquet(?)", params).fetchall()}
+
+    def text(col: str) -> str:
+        return f"trim({exprs[col]})" if kind == "csv" or types.get(col) == "VARCHAR" \
+            else f"trim(CAST({exprs[col]} AS VARCHAR))"
+
+    ts_type = types.get(t.timestamp, "")
+    amount_type = types.get(t.amount, "")
+    out = {"id": text(contract.subject_id),
+           "ts": f"CAST({exprs[t.timestamp]} AS TIMESTAMP)"
+           if ts_type in ("TIMESTAMP", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
+           else f"TRY_CAST({text(t.timestamp)} AS TIMESTAMP)",
+           "amount": f"CAST({exprs[t.amount]} AS DOUBLE)"
+           if amount_type.split("(")[0] in _NUMERIC
+           else f"TRY_CAST({text(t.amount)} AS DOUBLE)"}
+    if t.order_id:
+        out["order_id"] = text(t.order_id)
+    if t.category:
+        out["category"] = text(t.category)
+    return out
+
+
+def _read_file_transactions(contract: DataContract) -> SourceRows:
+    """One pass over a transaction file: per-customer aggregates and validity counts."""
+    import duckdb
+
+    t = contract.transactions
+    assert t is not None
+    where = contract.source_location
+    con = duckdb.connect()
+    try:
+        relation, exprs, where, params = _file_relation(contract, con)
+        kind = contract.source.kind
+        typed = _typed_exprs(contract, con, kind, exprs, params)
+        as_of = f"TIMESTAMP '{t.as_of_utc.replace(tzinfo=None).isoformat()}'"
+        base = ", ".join(f"{sql} AS {name}" for name, sql in typed.items())
+        flags = ("(id IS NULL OR id = '') AS bad_id, ts IS NULL AS bad_ts, "
+                 "(amount IS NULL OR NOT isfinite(amount)) AS bad_amount")
+        ok = f"NOT (bad_id OR bad_ts OR bad_amount) AND ts <= {as_of}"
+        freq = "count(DISTINCT order_id) FILTER (WHERE ok)" if t.order_id \
+            else "count(*) FILTER (WHERE ok)"
+        extra: list[Any] = []
+        parts = []
+        for j, f in enumerate(contract.features):
+            if f.aggregate == "recency_days":
+                expr = f"(epoch({as_of}) - epoch(max(ts) FILTER (WHERE ok))) / 86400.0"
+            elif f.aggregate == "tenure_days":
+                expr = f"(epoch({as_of}) - epoch(min(ts) FILTER (WHERE ok))) / 86400.0"
+            elif f.aggregate == "frequency":
+                expr = f"CAST({freq} AS DOUBLE)"
+            elif f.aggregate == "monetary":
+                expr = "sum(amount) FILTER (WHERE ok)"
+            elif f.aggregate == "average_basket":
+                expr = f"sum(amount) FILTER (WHERE ok) / {freq}"
+            else:
+                extra.append(f.category)
+                expr = ("coalesce(sum(amount) FILTER (WHERE ok AND category = ?) "
+                        "/ nullif(sum(amount) FILTER (WHERE ok), 0), 0.0)")
+            parts.append(f"CAST({expr} AS DOUBLE) AS v{j}")
+        sql = (f"CREATE TEMP TABLE per AS SELECT id, count(*) AS n, "
+               f"count(*) FILTER (WHERE bad_id) AS n_bad_id, "
+               f"count(*) FILTER (WHERE bad_ts) AS n_bad_ts, "
+               f"count(*) FILTER (WHERE bad_amount) AS n_bad_amount, "
+               f"count(*) FILTER (WHERE bad_id OR bad_ts OR bad_amount) AS n_bad, "
+               f"count(*) FILTER (WHERE NOT (bad_id OR bad_ts OR bad_amount) "
+               f"AND ts > {as_of}) AS n_late, count(*) FILTER (WHERE ok) AS n_ok, "
+               f"{', '.join(parts)} FROM (SELECT *, {ok} AS ok FROM "
+               f"(SELECT *, {flags} FROM (SELECT {base} FROM {relation}))) GROUP BY id")
+        con.execute(sql, [*extra, *params])  # the SELECT list comes before the FROM
+        result = _fetch(con, "SELECT id, row_number() OVER (ORDER BY id) AS rn, "
+                        + ", ".join(f"v{j}" for j in range(len(contract.features)))
+                        + " FROM per WHERE n_ok > 0 ORDER BY id", [], where)
+        totals = con.execute(
+            "SELECT sum(n), sum(n_bad_id), sum(n_bad_ts), sum(n_bad_amount), sum(n_bad), "
+            "sum(n_late) FROM per").fetchone()
+        assert totals is not None
+        total, bad_id, bad_ts, bad_amount, bad, late = totals
+        names = {"subject_id": bad_id, t.timestamp: bad_ts, t.amount: bad_amount}
+        bad_columns = {k: int(v) for k, v in names.items() if v}
+        first_bad = None
+        if bad:  # rare: locate the first invalid line with the full (slower) query
+            first_bad = _transaction_counts(con, contract, relation, exprs,
+                                            params)["first_invalid_row"]
+        counts = {"read": int(total or 0), "invalid": int(bad or 0),
+                  "invalid_by_column": bad_columns, "after_as_of": int(late or 0),
+                  "first_invalid_row": first_bad}
+        rejected = _rejects(con, kind)
+    except duckdb.Error as exc:
+        raise DataError(f"cannot be aggregated ({str(exc).splitlines()[0]}).",
+                        path=where) from None
+    finally:
+        con.close()
+    values = {f.name: _float(result[f"v{j}"]) for j, f in enumerate(contract.features)}
+    return SourceRows(location=where, ids=_objects(result["id"]),
+                      rows=np.asarray(result["rn"], dtype=np.int64), values=values,
+                      rejected=rejected, transactions=counts, row_label="customer")
+
+
+def _transaction_counts(con: Any, contract: DataContract, relation: str,
+                        exprs: dict[str, str], params: list[Any]) -> dict[str, Any]:
+    t = contract.transactions
+    assert t is not None
+    as_of = t.as_of_utc.replace(tzinfo=None).isoformat()
+    idc = f"trim(CAST({exprs[contract.subject_id]} AS VARCHAR))"
+    ts = f"TRY_CAST(trim(CAST({exprs[t.timestamp]} AS VARCHAR)) AS TIMESTAMP)"
+    amount = f"TRY_CAST(trim(CAST({exprs[t.amount]} AS VARCHAR)) AS DOUBLE)"
+    invalid = {"subject_id": f"({idc} IS NULL OR {idc} = '')",
+               t.timestamp: f"({ts} IS NULL)",
+               t.amount: f"({amount} IS NULL OR NOT isfinite({amount}))"}
+    parts = [f"count(*) FILTER (WHERE {cond}) AS \"{name}\"" for name, cond in invalid.items()]
+    bad_any = " OR ".join(invalid.values())
+    sql = (f"SELECT count(*) AS total, {', '.join(parts)}, "
+           f"count(*) FILTER (WHERE NOT ({bad_any}) AND {ts} > TIMESTAMP '{as_of}') AS late, "
+           f"count(*) FILTER (WHERE {bad_any}) AS bad, "
+           f"min(line) FILTER (WHERE {bad_any}) AS first_bad "
+           f"FROM (SELECT *, row_number() OVER () AS line FROM {relation})")
+    row = con.execute(sql, params).fetchone()
+    names = ["total", *invalid, "late", "bad", "first_bad"]
+    counts = dict(zip(names, row, strict=True))
+    bad_columns = {name: int(counts[name]) for name in invalid if counts[name]}
+    return {"read": int(counts["total"]), "invalid": int(counts["bad"]),
+            "invalid_by_column": bad_columns, "after_as_of": int(counts["late"]),
+            "first_invalid_row": None if counts["first_bad"] is None
+            else int(counts["first_bad"])}
+
+
+# -- SQL sources (SQLAlchemy) ----------------------------------------------------------------
+
+
+def _engine(contract: DataContract) -> tuple[Any, str]:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    url = contract.resolve_url(str(contract.source.url))
+    where = contract.source_location
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        file = Path(url[len("sqlite:///"):])
+        if not file.is_file():
+            raise DataError("database file not found (check source.url in the contract).",
+                            path=where)
+        url = f"sqlite:///file:{file}?mode=ro&uri=true"
+    try:
+        return create_engine(url), where
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise DataError(f"is not a usable SQLAlchemy URL ({exc}).", path=where) from None
+
+
+def _sql_table(contract: DataContract, engine: Any, where: str) -> Any:
+    from sqlalchemy import MetaData, Table
+    from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+
+    try:
+        table = Table(str(contract.source.table), MetaData(), autoload_with=engine)
+    except NoSuchTableError:
+        raise DataError("the table does not exist.", path=where) from None
+    except SQLAlchemyError as exc:
+        raise DataError(f"cannot be opened ({str(exc).splitlines()[0]}).", path=where) from None
+    header = [c.name for c in table.columns]
+    _check_columns(header, source_columns(contract), where)
+    return table
+
+
+def _py_float(values: list[Any]) -> NDArray[np.float64]:
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        out = np.empty(len(values), dtype=np.float64)
+        for i, v in enumerate(values):
+            try:
+                out[i] = float(v.strip() if isinstance(v, str) else v)
+            except (TypeError, ValueError, AttributeError):
+                out[i] = np.nan
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def _py_bool(values: list[Any]) -> NDArray[np.float64]:
+    table = {**dict.fromkeys(_TRUE, 1.0), **dict.fromkeys(_FALSE, 0.0)}
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if isinstance(v, bool | int) and v in (0, 1):
+            out[i] = float(v)
+        elif isinstance(v, str):
+            out[i] = table.get(v.strip().lower(), np.nan)
+    return out
+
+
+def _py_category(values: list[Any], vocabulary: list[str]) -> NDArray[np.int64]:
+    index = {v: i for i, v in enumerate(vocabulary)}
+    return np.fromiter((index.get(v.strip(), -1) if isinstance(v, str) else -1 for v in values),
+                       dtype=np.int64, count=len(values))
+
+
+def _py_ids(values: list[Any]) -> NDArray[Any]:
+    return np.asarray([None if v is None else str(v).strip() for v in values], dtype=object)
+
+
+def _read_sql_customers(contract: DataContract) -> SourceRows:
+    from sqlalchemy import select, type_coerce
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.types import NullType
+
+    engine, where = _engine(contract)
+    try:
+        table = _sql_table(contract, engine, where)
+        wanted = source_columns(contract)
+        # Raw driver values (no SQLAlchemy result processing): a declared BOOLEAN holding the
+        # text 'false' must not become True, a NUMERIC holding text must not raise.
+        query = select(*[type_coerce(table.c[c], NullType()) for c in wanted]).order_by(
+            table.c[contract.subject_id])
+        with engine.connect() as conn:
+            rows = conn.execute(query).fetchall()
+    except SQLAlchemyError as exc:
+        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+    finally:
+        engine.dispose()
+    columns = dict(zip(wanted, (list(c) for c in zip(*rows, strict=True)), strict=True)) \
+        if rows else {c: [] for c in wanted}
+    result = _typed_python(contract, columns, where)
+    result.row_label = f"row (ordered by {contract.subject_id})"
+    return result
+
+
+def _typed_python(contract: DataContract, columns: dict[str, list[Any]],
+                  where: str) -> SourceRows:
+    """Type projected cells in Python (SQL results, irregular CSV files)."""
+    n = len(columns[contract.subject_id])
+    values: dict[str, NDArray[Any]] = {}
+    for f in contract.features:
+        raw = columns[f.source_column]
+        if f.type == "numeric":
+            values[f.name] = _py_float(raw)
+        elif f.type == "boolean":
+            values[f.name] = _py_bool(raw)
+        else:
+            values[f.name] = _py_category(raw, list(f.vocabulary or []))
+    consent = _py_bool(columns[contract.consent.column]) if contract.consent.column else None
+    return SourceRows(location=where, ids=_py_ids(columns[contract.subject_id]),
+                      rows=np.arange(1, n + 1, dtype=np.int64), values=values,
+                      consent=consent)
+
+
+def _read_sql_transactions(contract: DataContract) -> SourceRows:
+    from sqlalchemy import Float, and_, case, cast, func, literal, or_, select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    t = contract.transactions
+    assert t is not None
+    engine, where = _engine(contract)
+    try:
+        table = _sql_table(contract, engine, where)
+        ident, ts, amount = (table.c[contract.subject_id], table.c[t.timestamp],
+                             table.c[t.amount])
+        sqlite = engine.dialect.name == "sqlite"
+        as_of = t.as_of_utc.replace(tzinfo=None)
+        stamp = func.datetime(ts) if sqlite else ts  # SQLite keeps timestamps as text
+        bad = [ident.is_(None), stamp.is_(None), amount.is_(None)]
+        if sqlite:
+            bad.append(func.typeof(amount).notin_(["integer", "real"]))
+        bad_any = or_(*bad)
+        as_of_value: Any = as_of.isoformat(sep=" ") if sqlite else as_of
+        late = and_(~bad_any, stamp > literal(as_of_value))
+        ok = and_(~bad_any, stamp <= literal(as_of_value))
+        freq = func.count(func.distinct(table.c[t.order_id])) if t.order_id else func.count()
+        parts = [ident.label("id"), func.max(stamp).label("last"),
+                 func.min(stamp).label("first")]
+        for j, f in enumerate(contract.features):
+            if f.aggregate == "frequency":
+                expr: Any = cast(freq, Float)
+            elif f.aggregate == "monetary":
+                expr = cast(func.sum(amount), Float)
+            elif f.aggregate == "average_basket":
+                expr = cast(func.sum(amount), Float) / cast(freq, Float)
+            elif f.aggregate == "category_share":
+                in_cat = func.sum(case((table.c[str(t.category)] == f.category, amount),
+                                       else_=0))
+                expr = cast(in_cat, Float) / func.nullif(cast(func.sum(amount), Float), 0)
+            else:
+                continue  # recency and tenure: computed from first/last below
+            parts.append(expr.label(f"v{j}"))
+        query = select(*parts).where(ok).group_by(ident).order_by(ident)
+        counts_query = select(
+            func.count(), func.sum(case((bad_any, 1), else_=0)),
+            func.sum(case((late, 1), else_=0)))
+        with engine.connect() as conn:
+            rows = conn.execute(query).fetchall()
+            total, invalid, after = conn.execute(counts_query.select_from(table)).one()
+    except SQLAlchemyError as exc:
+        raise DataError(f"cannot be aggregated ({str(exc).splitlines()[0]}).",
+                        path=where) from None
+    finally:
+        engine.dispose()
+    cols: list[Any] = list(zip(*rows, strict=True)) if rows else [() for _ in parts]
+    names = [p.name for p in parts]
+    by_name = dict(zip(names, cols, strict=True))
+    as_of64 = np.datetime64(as_of, "us")
+    values: dict[str, NDArray[Any]] = {}
+    for j, f in enumerate(contract.features):
+        if f.aggregate in ("recency_days", "tenure_days"):
+            key = "last" if f.aggregate == "recency_days" else "first"
+            stamps = np.asarray([str(v) for v in by_name[key]], dtype="datetime64[us]")
+            days: NDArray[Any] = (as_of64 - stamps) / np.timedelta64(1, "D")  # type: ignore[operator]
+            values[f.name] = np.asarray(days, dtype=np.float64)
+        else:
+            values[f.name] = _py_float(list(by_name[f"v{j}"]))
+            if f.aggregate == "category_share":
+                values[f.name] = np.nan_to_num(values[f.name], nan=0.0)
+    return SourceRows(location=where, ids=_py_ids(list(by_name["id"])),
+                      rows=np.arange(1, len(rows) + 1, dtype=np.int64), values=values,
+                      transactions={"read": int(total or 0), "invalid": int(invalid or 0),
+                                    "invalid_by_column": {}, "after_as_of": int(after or 0),
+                                    "first_invalid_row": None},
+                      row_label="customer")
+
+
+def read_source(contract: DataContract) -> SourceRows:
+    """Read the contract's projection of its source.
+
+    Parameters
+    ----------
+    contract : DataContract
+
+    Returns
+    -------
+    SourceRows
+        Typed, unvalidated customer rows (see :mod:`client.gate` for validation).
+
+    Raises
+    ------
+    DataError
+        The source cannot be read, or lacks a column the contract names (file/URL and column
+        named; no cell value is ever quoted).
+    """
+    transaction = contract.source.level == "transaction"
+    if contract.source.kind == "sql":
+        return _read_sql_transactions(contract) if transaction else \
+            _read_sql_customers(contract)
+    return _read_file_transactions(contract) if transaction else \
+        _read_file_customers(contract)
