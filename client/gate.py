@@ -129,6 +129,21 @@ class _Validated:
     clipped: dict[str, int]
     transactions: dict[str, Any]
     location: str
+    _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def marks(self, pseudonyms: set[str]) -> NDArray[np.bool_]:
+        """Boolean mask of the rows whose pseudonym is in ``pseudonyms``."""
+        out = np.zeros(self.pseudonyms.size, dtype=bool)
+        if not pseudonyms:
+            return out
+        if len(pseudonyms) * 4 > self.pseudonyms.size:  # a large set: one pass over the rows
+            return np.fromiter((p in pseudonyms for p in self.pseudonyms), dtype=bool,
+                               count=self.pseudonyms.size)
+        if not self._index:  # built once per source version (pseudonyms are unique here)
+            self._index.update((p, i) for i, p in enumerate(self.pseudonyms.tolist()))
+        index = self._index
+        out[[index[p] for p in pseudonyms if p in index]] = True
+        return out
 
 
 def _first(mask: NDArray[np.bool_]) -> int | None:
@@ -148,9 +163,12 @@ def _validate(contract: DataContract, rows: SourceRows, key: SiteKey) -> _Valida
     missing_id = np.fromiter((v is None or v == "" for v in ids), dtype=bool, count=n)
     problems.append((missing_id, "missing subject id", contract.subject_id,
                      "a subject id (it is empty)"))
-    _, first_index, inverse, counts = np.unique(ids.astype(str), return_index=True,
-                                                return_inverse=True, return_counts=True)
-    duplicate = (counts[inverse] > 1) & ~missing_id
+    if len(set(ids.tolist())) == n:  # the usual case, 5x faster than sorting the ids
+        duplicate = np.zeros(n, dtype=bool)
+    else:
+        _, inverse, counts = np.unique(ids.astype(str), return_inverse=True,
+                                       return_counts=True)
+        duplicate = (counts[inverse] > 1) & ~missing_id
     problems.append((duplicate, "duplicate subject id", contract.subject_id,
                      "each subject once (this id also appears in another row)"))
     for f in contract.features:
@@ -227,7 +245,7 @@ def _validate(contract: DataContract, rows: SourceRows, key: SiteKey) -> _Valida
         col += 1
     kept_ids = ids[keep]
     pseudonyms = np.asarray(key.pseudonymise(str(v) for v in kept_ids), dtype=object)
-    del kept_ids, first_index
+    del kept_ids
     consent = None if rows.consent is None else rows.consent[keep] == 1.0
     return _Validated(matrix=matrix, pseudonyms=pseudonyms, consent=consent,
                       rows_read=n + len(rows.rejected),
@@ -320,13 +338,8 @@ class PrivacyGate:
         active, withdrawn = self.store.consent_state(self.contract.purpose, at)
         erased = self.store.erased()
         pseud = v.pseudonyms
-        is_erased = np.fromiter((p in erased for p in pseud), dtype=bool, count=pseud.size) \
-            if erased else np.zeros(pseud.size, dtype=bool)
-        in_ledger = np.fromiter((p in active for p in pseud), dtype=bool, count=pseud.size) \
-            if active else np.zeros(pseud.size, dtype=bool)
-        is_withdrawn = np.fromiter((p in withdrawn for p in pseud), dtype=bool,
-                                   count=pseud.size) if withdrawn \
-            else np.zeros(pseud.size, dtype=bool)
+        is_erased, in_ledger, is_withdrawn = (v.marks(group) for group in
+                                              (erased, active, withdrawn))
         if v.consent is None:
             consents = in_ledger
             withdrawn_mask = is_withdrawn & ~is_erased

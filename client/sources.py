@@ -243,8 +243,8 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
             flag = FeatureContract(name="consent", type="boolean")
             parts.append(f"{_typed(exprs[contract.consent.column], flag, extra, text=text)} "
                          "AS consent")
-        parts.append("file_row_number + 1 AS rn" if contract.source.kind == "parquet"
-                     else "row_number() OVER () AS rn")
+        if contract.source.kind == "parquet":
+            parts.append("file_row_number + 1 AS rn")
         # list parameters of vocabularies come before the file path in the statement text
         sql = f"SELECT {', '.join(parts)} FROM {relation}"
         try:
@@ -262,9 +262,15 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
     for j, f in enumerate(contract.features):
         values[f.name] = _ints(result[f"v{j}"]) if f.type == "categorical" \
             else _float(result[f"v{j}"])
+    if "rn" in result:
+        rows = np.asarray(result["rn"], dtype=np.int64)
+    else:  # CSV: DuckDB keeps file order (preserve_insertion_order); skip rejected lines
+        rows = np.arange(1, len(result["id"]) + len(rejected) + 1, dtype=np.int64)
+        if rejected:
+            rows = np.setdiff1d(rows, np.asarray([line - 1 for line, _ in rejected]))
     return SourceRows(
         location=where, ids=_objects(result["id"]),
-        rows=np.asarray(result["rn"], dtype=np.int64), values=values,
+        rows=rows, values=values,
         consent=_float(result["consent"]) if contract.consent.column else None,
         rejected=rejected, row_label="row")
 

@@ -68,6 +68,11 @@ def _customer_id(expr: str) -> str:
     return f"'C' || lpad(CAST({expr} AS VARCHAR), 8, '0')"
 
 
+def _customer_id_value(i: int) -> str:
+    """Return the customer id ``C0000042`` of an integer (as :func:`_customer_id` writes it)."""
+    return f"C{i:08d}"
+
+
 def write_transactions(directory: Path, *, transactions: int, customers: int,
                        seed: int) -> dict[str, Path]:
     """Write the transaction source as Parquet and CSV (two lines per order).
@@ -154,10 +159,13 @@ def _tx_contract(source: str) -> dict[str, Any]:
 
 
 def _customer_contract(source: str) -> dict[str, Any]:
+    # Consent lives in a column: this site's ledger holds only its 100 withdrawals and 100
+    # erasures (its own store), not the transaction site's 225,000 imported grants.
     return {
         "contract": "fedseg.data-contract/1",
         "purpose": PURPOSE,
-        "site": {"name": "bench", "key_file": "site.key", "store": "sqlite:///site-store.sqlite"},
+        "site": {"name": "bench", "key_file": "site.key",
+                 "store": "sqlite:///site-store-customers.sqlite"},
         "source": {"path": source},
         "subject_id": "customer_id",
         "direct_identifiers": ["name", "email"],
@@ -205,6 +213,16 @@ def write_site(directory: Path, *, customers: int, seed: int) -> dict[str, float
                 store.withdraw(pseudonyms[i], purpose=PURPOSE, at=at, source="bench")
     timings["site_setup_s"] = time.perf_counter() - started
     timings["ledger_consents"] = float(len(pseudonyms))
+    customer_store = directory / "site-store-customers.sqlite"
+    customer_store.unlink(missing_ok=True)
+    with SiteStore(f"sqlite:///{customer_store}", key) as store:
+        at = datetime(2025, 6, 1, tzinfo=UTC)
+        for n, i in enumerate(rng.choice(customers, size=200, replace=False)):
+            pseudonym = key.pseudonym(_customer_id_value(int(i)))
+            if n < 100:
+                store.erase(pseudonym, at=at, reason="bench erasure")
+            else:
+                store.withdraw(pseudonym, purpose=PURPOSE, at=at, source="bench")
     return timings
 
 
