@@ -150,6 +150,16 @@ class AuditChain:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
             try:
                 seq, prev = self._tail(fd)
+                recorded = None if self.head_store is None else \
+                    self.head_store.get_meta(self.meta_name)
+                if recorded and recorded != prev:
+                    # Lines were cut from the end (or the log replaced): appending would
+                    # overwrite the evidence, so the log is never extended past it.
+                    raise ConfigError(
+                        f"audit log {self.path}: it ends at line {seq} with hash {prev[:12]}..., "
+                        f"but the site store records head {recorded[:12]}...: lines were "
+                        "removed from the end or the file was replaced. Nothing is sent until "
+                        "an operator checks it (fedseg-site audit verify).")
                 line = {**body, "seq": seq + 1, "prev": prev}
                 line["hash"] = line_hash(line)
                 _write_all(fd, (json.dumps(line, sort_keys=True) + "\n").encode("utf-8"))

@@ -28,6 +28,7 @@ Example (``conf/contracts/customers.yaml`` holds a commented one)::
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +46,11 @@ AGGREGATES = ("recency_days", "frequency", "monetary", "average_basket", "tenure
 """Customer features a transaction-level source can be aggregated to (see ``client.sources``)."""
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _fold(name: str) -> str:
+    """Fold a column name for comparison with direct identifiers (NFKC, trimmed, casefold)."""
+    return unicodedata.normalize("NFKC", name).strip().casefold()
 
 
 class _Strict(BaseModel):
@@ -80,6 +86,16 @@ class SourceSpec(_Strict):
                              "source.url (a SQLAlchemy URL, with source.table)")
         if self.url is not None and not self.table:
             raise ValueError("source.url needs source.table (the table to read)")
+        if self.url is not None:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(self.url)
+            except (ArgumentError, ValueError):
+                raise ValueError("source.url is not a SQLAlchemy URL (e.g. "
+                                 "sqlite:///customers.sqlite or "
+                                 "postgresql+psycopg://user@host:5432/db)") from None
         if self.path is not None and self.format == "sql":
             raise ValueError("source.format=sql needs source.url, not source.path")
         return self
@@ -240,8 +256,9 @@ class DataContract(_Strict):
                 column = getattr(self.transactions, key)
                 if column is not None:
                     used[f"transactions.{key}"] = column
+        folded = {_fold(i) for i in identifiers}
         for key, column in used.items():
-            if column in identifiers:
+            if _fold(column) in folded:
                 raise ValueError(f"{key} reads column {column!r}, which the contract lists as "
                                  "a direct identifier: direct identifiers are never loaded")
         if not transaction:

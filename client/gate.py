@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from client.contract import DataContract, load_contract
 from client.site_key import SiteKey
 from client.site_store import SiteStore
-from client.sources import SourceRows, read_source
+from client.sources import SourceRows, normalise_id, read_source
 from common.errors import DataError
 from common.features import FeatureSpec, apply_transforms
 
@@ -306,9 +306,17 @@ class PrivacyGate:
             if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
                 return None  # a database server: re-read every time (no cheap change stamp)
             db = Path(url[len("sqlite:///"):])
-            files = [db, db.with_name(db.name + "-wal")]
-        stamps = [(f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None
-                  for f in files]
+            files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")]
+        # ctime and inode too: a copy that restores size and mtime (cp -p, rsync -t, touch -r)
+        # still changes them, and utime cannot set ctime back.
+        stamps: list[tuple[int, ...] | None] = []
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return (*stamps, self.key.key_id)
 
     def validated(self) -> _Validated:
@@ -372,7 +380,7 @@ class PrivacyGate:
 
     def find(self, raw_id: str) -> tuple[str, NDArray[np.float64] | None]:
         """Return a subject's pseudonym and its validated feature row (``None`` if absent)."""
-        pseudonym = self.key.pseudonym(raw_id.strip())
+        pseudonym = self.key.pseudonym(normalise_id(raw_id) or "")
         v = self.validated()
         hits = np.flatnonzero(v.pseudonyms == pseudonym)
         return pseudonym, None if hits.size == 0 else v.matrix[int(hits[0])]

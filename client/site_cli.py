@@ -26,6 +26,7 @@ from client.contract import DataContract, load_contract, source_columns
 from client.gate import PrivacyGate
 from client.site_files import SiteFiles, audit_head_name
 from client.site_key import SiteKey, generate_key_file
+from client.sources import normalise_id
 from common.errors import FedsegError
 from common.segment_model import SegmentModel
 
@@ -94,6 +95,26 @@ class Site:
 # -- commands --------------------------------------------------------------------------------
 
 
+def _subject(site: Site, raw_id: str, *, allow_absent: bool = False) -> str:
+    """Return the pseudonym of a subject the source holds (refuse an unknown id).
+
+    Ids are compared as every reader normalises them (surrounding white space removed; case
+    kept). An id that matches no valid row of the source is refused unless ``allow_absent``
+    (``--not-in-source``): recording consent or an erasure for a mistyped id would silently
+    miss the real subject.
+    """
+    normal = normalise_id(raw_id)
+    if normal is None:
+        raise FedsegError("the subject id is empty.")
+    pseudonym, row = site.gate.find(normal)
+    if row is None and not allow_absent:
+        raise FedsegError("no valid row of the source has this subject id (ids are compared "
+                          "without surrounding spaces; case matters). Check the id, or pass "
+                          "--not-in-source to record it for a subject the source no longer "
+                          "(or not yet) holds.")
+    return pseudonym
+
+
 def cmd_keygen(site: Site, args: argparse.Namespace) -> int:
     """Create the site key file."""
     key = generate_key_file(site.contract.key_path, force=args.force)
@@ -111,6 +132,11 @@ def cmd_check(site: Site, args: argparse.Namespace) -> int:
     read = source_columns(c)
     print(f"reads      {', '.join(read)}")
     header = _source_header(c)
+    if header is not None and not set(read) <= set(header):
+        # not echoed: a file without its header row would show a customer's record here
+        print(f"columns    the source has {len(header)} column(s) but not all the contract "
+              "reads; the error below names the missing one(s)")
+        header = None
     if header is not None:
         ignored = [h for h in header if h not in read]
         identifiers = [h for h in ignored if h in c.direct_identifiers]
@@ -167,9 +193,11 @@ def _source_header(c: DataContract) -> list[str] | None:
                 "read_csv(?, header=true, all_varchar=true)"
             rows = duckdb.connect().execute(f"DESCRIBE SELECT * FROM {fn}", [path]).fetchall()
             return [str(r[0]) for r in rows]
-        from sqlalchemy import create_engine, inspect
+        from sqlalchemy import inspect
 
-        engine = create_engine(c.resolve_url(str(c.source.url)))
+        from client.sources import open_engine
+
+        engine, _ = open_engine(c)  # read-only for SQLite files (never creates one)
         try:
             return [col["name"] for col in inspect(engine).get_columns(str(c.source.table))]
         finally:
@@ -193,26 +221,37 @@ def cmd_consent(site: Site, args: argparse.Namespace) -> int:
                      if data.report.rows_read else 0.0})
         return 0
     if args.consent_command == "import":
-        records = list(_consent_file(Path(args.file), args, key))
+        erased = store.erased()
+        records = list(_consent_file(Path(args.file), args, key, erased))
         count = store.import_consents(records, purpose=purpose)
         print(f"imported {count} consent record(s) for purpose {purpose} from {args.file}")
         return 0
-    pseudonym = key.pseudonym(args.id.strip())
+    pseudonym = _subject(site, args.id, allow_absent=args.not_in_source)
     at = _parse_time(args.at, "--at")
+    when = "from the next round on" if at <= _now() else \
+        f"from {at.isoformat()} on (a future date: check it)"
     if args.consent_command == "grant":
+        if store.erasure(pseudonym) is not None:
+            raise FedsegError("this subject was erased; an erased subject never takes part "
+                              "again, and no consent is recorded for it.")
         changed = store.grant(pseudonym, purpose=purpose, at=at, source=args.source)
-        print("consent granted" if changed else "consent was already active")
+        print(f"consent granted; the subject takes part {when}" if changed
+              else "consent was already active")
     else:
         changed = store.withdraw(pseudonym, purpose=purpose, at=at, source=args.source)
-        print("consent withdrawn; the subject is excluded from the next round on"
-              if changed else "no active consent to withdraw; the withdrawal is recorded")
+        cleared = store.clear_assignment(pseudonym)
+        print((f"consent withdrawn; the subject is excluded {when}" if changed
+               else "no active consent to withdraw")
+              + ("; its segment label was removed" if cleared else ""))
     return 0
 
 
-def _consent_file(path: Path, args: argparse.Namespace, key: SiteKey
+def _consent_file(path: Path, args: argparse.Namespace, key: SiteKey, erased: set[str]
                   ) -> Any:
     """Yield (pseudonym, granted_at, withdrawn_at, source) from a consent CSV."""
     where = str(path)
+    default_grant = None if args.granted_at is None else _parse_time(args.granted_at,
+                                                                      "--granted-at")
     try:
         handle = path.open(encoding="utf-8-sig", newline="")
     except OSError as exc:
@@ -222,29 +261,46 @@ def _consent_file(path: Path, args: argparse.Namespace, key: SiteKey
         header = reader.fieldnames or []
         for column in (args.id_column, args.granted_column):
             if column not in header:
-                raise FedsegError(f"consent file {where}: missing column {column!r}; the header "
-                                  f"has {header} (set --id-column / --granted-column).")
+                # the header is not echoed: a file without one would show a customer's record
+                raise FedsegError(f"consent file {where}: no column {column!r} in its header "
+                                  f"row ({len(header)} column(s)); expected at least "
+                                  f"{args.id_column!r} and {args.granted_column!r} (set "
+                                  "--id-column / --granted-column).")
         has_withdrawn = args.withdrawn_column in header
         for row_no, row in enumerate(reader, start=1):
-            subject = (row.get(args.id_column) or "").strip()
-            if not subject:
+            subject = normalise_id(row.get(args.id_column))
+            if subject is None:
                 raise FedsegError(f"consent file {where}, row {row_no}, column "
                                   f"{args.id_column!r}: empty subject id.")
             granted = _cell_time(row.get(args.granted_column), where, row_no,
-                                 args.granted_column)
+                                 args.granted_column, default_grant)
             withdrawn = _cell_time(row.get(args.withdrawn_column), where, row_no,
-                                   args.withdrawn_column) if has_withdrawn else None
+                                   args.withdrawn_column, default_grant) \
+                if has_withdrawn else None
             if granted is None and withdrawn is None:
                 continue  # neither granted nor withdrawn: no consent record to keep
-            yield key.pseudonym(subject), granted, withdrawn, args.source or f"import:{path.name}"
+            if granted is not None and withdrawn is not None and withdrawn < granted:
+                raise FedsegError(f"consent file {where}, row {row_no}, column "
+                                  f"{args.withdrawn_column!r}: the withdrawal is dated before "
+                                  "the grant; expected withdrawn_at >= granted_at.")
+            pseudonym = key.pseudonym(subject)
+            if pseudonym in erased:
+                continue  # an erased subject never gets consent records again
+            yield pseudonym, granted, withdrawn, args.source or f"import:{path.name}"
 
 
-def _cell_time(cell: str | None, where: str, row: int, column: str) -> datetime | None:
+def _cell_time(cell: str | None, where: str, row: int, column: str,
+               default: datetime | None) -> datetime | None:
     text = (cell or "").strip()
     if not text or text.lower() in ("false", "no", "0"):
         return None
     if text.lower() in ("true", "yes", "1"):
-        return _now()
+        if default is None:
+            # "now" would date a stale export's grants after any later withdrawal
+            raise FedsegError(f"consent file {where}, row {row}, column {column!r}: a yes/no "
+                              "value has no date; give the date it stands for with "
+                              "--granted-at DATE (or put dates in the file).")
+        return default
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -293,10 +349,10 @@ def cmd_rectify(site: Site, args: argparse.Namespace) -> int:
     gate = site.gate
     pseudonym, row = gate.find(args.id)
     if row is None:
-        raise FedsegError(f"subject {args.id!r} is not in the source (or its row is invalid); "
-                          "correct it there first, then rerun rectify.")
+        raise FedsegError("no valid row of the source has this subject id (or its row is "
+                          "invalid); correct it there first, then rerun rectify.")
     removed = gate.store.clear_assignment(pseudonym)
-    _print_json({"subject": args.id, "features_used_from_next_round": {
+    _print_json({"features_used_from_next_round": {
         spec.name: float(v) for spec, v in zip(gate.features, row, strict=True)},
         "stale_segment_label_removed": removed,
         "note": "the gate re-reads the source at every round: the corrected values are used "
@@ -307,12 +363,14 @@ def cmd_rectify(site: Site, args: argparse.Namespace) -> int:
 def cmd_erase(site: Site, args: argparse.Namespace) -> int:
     """Erase one subject from every site store and exclude it from every later round."""
     gate = site.gate
-    pseudonym = gate.key.pseudonym(args.id.strip())
-    if gate.store.erasure(pseudonym) is not None:
-        print("already erased; nothing more to do")
+    pseudonym = _subject(site, args.id, allow_absent=args.not_in_source)
+    before = gate.store.erasure(pseudonym)
+    counts = gate.store.erase(pseudonym, at=_now(), reason=args.reason)  # idempotent
+    if before is not None:
+        print("already erased" + ("" if not any(counts.values()) else
+                                  f"; removed records written since: {counts}"))
         return 0
-    counts = gate.store.erase(pseudonym, at=_now(), reason=args.reason)
-    _print_json({"subject": args.id, "erased": True, "deleted": counts,
+    _print_json({"erased": True, "deleted": counts,
                  "note": "excluded from every round from the next one on; the erasure log "
                          "keeps only the pseudonym. Delete the record from your source "
                          "system too if your process requires it."})
@@ -345,26 +403,31 @@ def cmd_assign(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_export(site: Site, args: argparse.Namespace) -> int:
-    """Write the stored assignments as CSV with the site's own customer ids."""
+    """Write the labels of customers taking part now as CSV, with the site's own ids."""
     gate = site.gate
     stored = dict(gate.store.iter_assignments())
     if not stored:
         raise FedsegError("no assignments in the store; run fedseg-site assign --model FILE "
                           "first.")
+    taking_part = set(gate.load().pseudonyms.tolist())  # withdrawn / erased: never exported
     out = Path(args.out)
-    ids = gate.raw_ids()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file already existed with wider permissions
+    except OSError as exc:
+        raise FedsegError(f"cannot write {out} ({exc.strerror}); expected a writable path "
+                          "(not a symbolic link).") from None
     written = 0
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([site.contract.subject_id, "segment_id", "segment_name"])
-        for raw_id, pseudonym in ids:
+        for raw_id, pseudonym in gate.raw_ids():
             entry = stored.get(pseudonym)
-            if entry is not None:
+            if entry is not None and pseudonym in taking_part:
                 writer.writerow([raw_id, entry["segment_id"], entry["segment_name"]])
                 written += 1
-    print(f"wrote {written} assignment(s) to {out} (owner-only permissions; it holds your "
-          "customer ids: keep it inside your site).")
+    print(f"wrote {written} assignment(s) of customers taking part now to {out} (owner-only "
+          "permissions; it holds your customer ids: keep it inside your site).")
     return 0
 
 
@@ -395,6 +458,13 @@ def cmd_rotate_key(site: Site, args: argparse.Namespace) -> int:
     new_key = generate_key_file(new_path)
     fresh = new_key.pseudonymise(raw for raw, _ in pairs)
     mapping = {old: new for (_, old), new in zip(pairs, fresh, strict=True)}
+    orphans = [p for p in gate.store.erased() if p not in mapping]
+    if orphans:
+        new_path.unlink()
+        raise FedsegError(f"{len(orphans)} erased subject(s) are no longer in the source: "
+                          "after a rotation their erasures could not be matched if their "
+                          "records came back, so the key is not rotated. Rotate while the "
+                          "source still holds them, or keep the current key.")
     counts = gate.store.rekey(new_key, mapping)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     retired = key_path.with_name(f"{key_path.name}.retired-{stamp}")
@@ -463,8 +533,11 @@ def _audit_summary(path: Path) -> dict[str, Any]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(entry, dict):
+            continue
         summary["messages"] += 1
-        summary["bytes"] += int(entry.get("bytes", 0))
+        size = entry.get("bytes", 0)
+        summary["bytes"] += size if isinstance(size, int) else 0
         if entry.get("error_code"):
             summary["refusals"] += 1
         mech = entry.get("mechanism")
@@ -498,12 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--withdrawn-column", default="withdrawn_at",
                      help="date/time consent was withdrawn, optional (default: withdrawn_at)")
     imp.add_argument("--source", default=None, help="where the records come from (recorded)")
+    imp.add_argument("--granted-at", default=None,
+                     help="the date a yes/true value in the file stands for (ISO 8601)")
     for action, text in (("grant", "record that a customer gave consent"),
                          ("withdraw", "record that a customer withdrew consent")):
         a = csub.add_parser(action, help=text)
         a.add_argument("id", help="the customer's id as in your data")
         a.add_argument("--at", default=None, help="when (ISO 8601; default: now)")
         a.add_argument("--source", default="fedseg-site", help="who recorded it")
+        a.add_argument("--not-in-source", action="store_true",
+                       help="record it even though your data has no such customer")
     csub.add_parser("status", help="how many customers take part, and why others do not")
     p = sub.add_parser("access", help="show everything held on one customer (JSON)")
     p.add_argument("id", help="the customer's id as in your data")
@@ -512,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="erase one customer and exclude them from every later round")
     p.add_argument("id", help="the customer's id as in your data")
     p.add_argument("--reason", default="data subject request", help="recorded with the erasure")
+    p.add_argument("--not-in-source", action="store_true",
+                   help="erase a customer your data no longer (or not yet) holds")
     p = sub.add_parser("assign", help="label your consenting customers with a segment model")
     p.add_argument("--model", required=True, help="segments.json published by the federation")
     p = sub.add_parser("export-assignments",

@@ -342,7 +342,7 @@ class SiteStore:
         """Decrypt and parse one payload; ``row`` names it in the error."""
         try:
             plain = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad.encode())
-        except InvalidTag:
+        except (InvalidTag, ValueError, UnicodeDecodeError):  # wrong key, altered or cut row
             raise self._tampered(row) from None
         doc: dict[str, Any] = json.loads(plain)
         return doc
@@ -631,7 +631,7 @@ class SiteStore:
                     max_event = max(max_event, w)
                     if w <= at_s and w > last_withdrawal.get(pseudonym, ""):
                         last_withdrawal[pseudonym] = w
-        except InvalidTag:
+        except (InvalidTag, ValueError, UnicodeDecodeError):  # wrong key, altered or cut row
             raise self._tampered(f"consent of pseudonym {pseudonym[:12]}...") from None
         active = {p for p, g in last_grant.items() if g > last_withdrawal.get(p, "")}
         withdrawn = {p for p in last_withdrawal if p not in active}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,13 +120,19 @@ def _typed(expr: str, f: FeatureContract, params: list[Any], *, text: bool) -> s
     return f"coalesce(list_position(?, {cell}), 0) - 1"
 
 
+def engine_error(exc: BaseException) -> str:
+    """Return a database error's first line with quoted literals masked (cells stay local)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"'[^']*'?", "'…'", first)
+
+
 def _fetch(con: Any, sql: str, params: list[Any], where: str) -> dict[str, Any]:
     import duckdb
 
     try:
         return dict(con.execute(sql, params).fetchnumpy())
     except duckdb.Error as exc:
-        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+        raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
 
 
 def _float(column: Any) -> NDArray[np.float64]:
@@ -137,6 +144,18 @@ def _float(column: Any) -> NDArray[np.float64]:
 def _ints(column: Any) -> NDArray[np.int64]:
     filled = np.ma.filled(column, -1) if np.ma.isMaskedArray(column) else column
     return np.asarray(filled, dtype=np.int64)
+
+
+def normalise_id(value: Any) -> str | None:
+    """Return the one form of a subject id used everywhere (readers, CLI, consent files)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _normalised_ids(column: Any) -> NDArray[Any]:
+    return np.asarray([normalise_id(v) for v in _objects(column).tolist()], dtype=object)
 
 
 def _objects(column: Any) -> NDArray[Any]:
@@ -163,7 +182,7 @@ def _file_relation(contract: DataContract, con: Any) -> tuple[str, dict[str, str
             described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)",
                                     [str(path)]).fetchall()
         except duckdb.Error as exc:
-            raise DataError(f"is not a readable Parquet file ({str(exc).splitlines()[0]}).",
+            raise DataError(f"is not a readable Parquet file ({engine_error(exc)}).",
                             path=where) from None
         header = [str(row[0]) for row in described]
         _check_columns(header, wanted, where)
@@ -255,7 +274,7 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
             return _read_csv_python(contract)
         rejected = _rejects(con, contract.source.kind)
     except duckdb.Error as exc:
-        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+        raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
     finally:
         con.close()
     values: dict[str, NDArray[Any]] = {}
@@ -269,7 +288,7 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
         if rejected:
             rows = np.setdiff1d(rows, np.asarray([line - 1 for line, _ in rejected]))
     return SourceRows(
-        location=where, ids=_objects(result["id"]),
+        location=where, ids=_normalised_ids(result["id"]),
         rows=rows, values=values,
         consent=_float(result["consent"]) if contract.consent.column else None,
         rejected=rejected, row_label="row")
@@ -295,10 +314,13 @@ def _typed_exprs(contract: DataContract, con: Any, kind: str, exprs: dict[str, s
 
     ts_type = types.get(t.timestamp, "")
     amount_type = types.get(t.amount, "")
-    out = {"id": text(contract.subject_id),
+    # Text timestamps go through TIMESTAMPTZ on a UTC session: an offset (-05:00) is applied,
+    # a naive time is taken as UTC, as the SQL reader and the as_of date do.
+    out = {"id": f"regexp_replace({text(contract.subject_id)}, '^\\s+|\\s+$', '', 'g')",
            "ts": f"CAST({exprs[t.timestamp]} AS TIMESTAMP)"
-           if ts_type in ("TIMESTAMP", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
-           else f"TRY_CAST({text(t.timestamp)} AS TIMESTAMP)",
+           if ts_type in ("TIMESTAMP", "DATE", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S",
+                          "TIMESTAMP WITH TIME ZONE")
+           else f"CAST(TRY_CAST({text(t.timestamp)} AS TIMESTAMPTZ) AS TIMESTAMP)",
            "amount": f"CAST({exprs[t.amount]} AS DOUBLE)"
            if amount_type.split("(")[0] in _NUMERIC
            else f"TRY_CAST({text(t.amount)} AS DOUBLE)"}
@@ -318,6 +340,7 @@ def _read_file_transactions(contract: DataContract) -> SourceRows:
     where = contract.source_location
     con = duckdb.connect()
     try:
+        con.execute("SET TimeZone = 'UTC'")
         relation, exprs, where, params = _file_relation(contract, con)
         kind = contract.source.kind
         typed = _typed_exprs(contract, con, kind, exprs, params)
@@ -367,56 +390,39 @@ def _read_file_transactions(contract: DataContract) -> SourceRows:
         names = {"subject_id": bad_id, t.timestamp: bad_ts, t.amount: bad_amount}
         bad_columns = {k: int(v) for k, v in names.items() if v}
         first_bad = None
-        if bad:  # rare: locate the first invalid line with the full (slower) query
-            first_bad = _transaction_counts(con, contract, relation, exprs,
-                                            params)["first_invalid_row"]
+        if bad:  # rare: locate the first invalid line with a second (slower) query
+            first_bad = _first_invalid_transaction(con, typed, relation, params)
         counts = {"read": int(total or 0), "invalid": int(bad or 0),
                   "invalid_by_column": bad_columns, "after_as_of": int(late or 0),
                   "first_invalid_row": first_bad}
         rejected = _rejects(con, kind)
     except duckdb.Error as exc:
-        raise DataError(f"cannot be aggregated ({str(exc).splitlines()[0]}).",
+        raise DataError(f"cannot be aggregated ({engine_error(exc)}).",
                         path=where) from None
     finally:
         con.close()
     values = {f.name: _float(result[f"v{j}"]) for j, f in enumerate(contract.features)}
-    return SourceRows(location=where, ids=_objects(result["id"]),
+    return SourceRows(location=where, ids=_normalised_ids(result["id"]),
                       rows=np.asarray(result["rn"], dtype=np.int64), values=values,
                       rejected=rejected, transactions=counts, row_label="customer")
 
 
-def _transaction_counts(con: Any, contract: DataContract, relation: str,
-                        exprs: dict[str, str], params: list[Any]) -> dict[str, Any]:
-    t = contract.transactions
-    assert t is not None
-    as_of = t.as_of_utc.replace(tzinfo=None).isoformat()
-    idc = f"trim(CAST({exprs[contract.subject_id]} AS VARCHAR))"
-    ts = f"TRY_CAST(trim(CAST({exprs[t.timestamp]} AS VARCHAR)) AS TIMESTAMP)"
-    amount = f"TRY_CAST(trim(CAST({exprs[t.amount]} AS VARCHAR)) AS DOUBLE)"
-    invalid = {"subject_id": f"({idc} IS NULL OR {idc} = '')",
-               t.timestamp: f"({ts} IS NULL)",
-               t.amount: f"({amount} IS NULL OR NOT isfinite({amount}))"}
-    parts = [f"count(*) FILTER (WHERE {cond}) AS \"{name}\"" for name, cond in invalid.items()]
-    bad_any = " OR ".join(invalid.values())
-    sql = (f"SELECT count(*) AS total, {', '.join(parts)}, "
-           f"count(*) FILTER (WHERE NOT ({bad_any}) AND {ts} > TIMESTAMP '{as_of}') AS late, "
-           f"count(*) FILTER (WHERE {bad_any}) AS bad, "
-           f"min(line) FILTER (WHERE {bad_any}) AS first_bad "
-           f"FROM (SELECT *, row_number() OVER () AS line FROM {relation})")
-    row = con.execute(sql, params).fetchone()
-    names = ["total", *invalid, "late", "bad", "first_bad"]
-    counts = dict(zip(names, row, strict=True))
-    bad_columns = {name: int(counts[name]) for name in invalid if counts[name]}
-    return {"read": int(counts["total"]), "invalid": int(counts["bad"]),
-            "invalid_by_column": bad_columns, "after_as_of": int(counts["late"]),
-            "first_invalid_row": None if counts["first_bad"] is None
-            else int(counts["first_bad"])}
+def _first_invalid_transaction(con: Any, typed: dict[str, str], relation: str,
+                               params: list[Any]) -> int | None:
+    """1-based data row of the first invalid transaction (only run when there is one)."""
+    base = ", ".join(f"{sql} AS {name}" for name, sql in typed.items())
+    row = con.execute(
+        f"SELECT min(line) FROM (SELECT {base}, row_number() OVER () AS line FROM {relation}) "
+        "WHERE id IS NULL OR id = '' OR ts IS NULL OR amount IS NULL OR NOT isfinite(amount)",
+        params).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 # -- SQL sources (SQLAlchemy) ----------------------------------------------------------------
 
 
-def _engine(contract: DataContract) -> tuple[Any, str]:
+def open_engine(contract: DataContract) -> tuple[Any, str]:
+    """Return a SQLAlchemy engine on the source (SQLite files read-only) and its name."""
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -443,7 +449,7 @@ def _sql_table(contract: DataContract, engine: Any, where: str) -> Any:
     except NoSuchTableError:
         raise DataError("the table does not exist.", path=where) from None
     except SQLAlchemyError as exc:
-        raise DataError(f"cannot be opened ({str(exc).splitlines()[0]}).", path=where) from None
+        raise DataError(f"cannot be opened ({engine_error(exc)}).", path=where) from None
     header = [c.name for c in table.columns]
     _check_columns(header, source_columns(contract), where)
     return table
@@ -480,7 +486,7 @@ def _py_category(values: list[Any], vocabulary: list[str]) -> NDArray[np.int64]:
 
 
 def _py_ids(values: list[Any]) -> NDArray[Any]:
-    return np.asarray([None if v is None else str(v).strip() for v in values], dtype=object)
+    return np.asarray([normalise_id(v) for v in values], dtype=object)
 
 
 def _read_sql_customers(contract: DataContract) -> SourceRows:
@@ -488,7 +494,7 @@ def _read_sql_customers(contract: DataContract) -> SourceRows:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.types import NullType
 
-    engine, where = _engine(contract)
+    engine, where = open_engine(contract)
     try:
         table = _sql_table(contract, engine, where)
         wanted = source_columns(contract)
@@ -499,7 +505,7 @@ def _read_sql_customers(contract: DataContract) -> SourceRows:
         with engine.connect() as conn:
             rows = conn.execute(query).fetchall()
     except SQLAlchemyError as exc:
-        raise DataError(f"cannot be read ({str(exc).splitlines()[0]}).", path=where) from None
+        raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
     finally:
         engine.dispose()
     columns = dict(zip(wanted, (list(c) for c in zip(*rows, strict=True)), strict=True)) \
@@ -534,7 +540,7 @@ def _read_sql_transactions(contract: DataContract) -> SourceRows:
 
     t = contract.transactions
     assert t is not None
-    engine, where = _engine(contract)
+    engine, where = open_engine(contract)
     try:
         table = _sql_table(contract, engine, where)
         ident, ts, amount = (table.c[contract.subject_id], table.c[t.timestamp],
@@ -574,7 +580,7 @@ def _read_sql_transactions(contract: DataContract) -> SourceRows:
             rows = conn.execute(query).fetchall()
             total, invalid, after = conn.execute(counts_query.select_from(table)).one()
     except SQLAlchemyError as exc:
-        raise DataError(f"cannot be aggregated ({str(exc).splitlines()[0]}).",
+        raise DataError(f"cannot be aggregated ({engine_error(exc)}).",
                         path=where) from None
     finally:
         engine.dispose()

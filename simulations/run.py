@@ -31,6 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from client.app import make_client_app
+from client.site_files import SiteFiles, audit_head_name
 from common.config import register_configs
 from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
@@ -336,6 +337,11 @@ def run(
     contracts = write_sites(population, parts, sites_dir=sites_dir, state_dir=out,
                             fmt=str(cfg.federation.site_source))
     gates = [open_gate(str(c)).load().report for c in contracts]
+    for i, contract in enumerate(contracts):
+        # This run's audit logs start afresh (the directory was cleared above): so do the
+        # heads the sites' stores keep for them.
+        log = SiteFiles(audit_dir.parent, str(i)).audit_log
+        open_gate(str(contract)).store.set_meta(f"audit_head:{audit_head_name(log)}", "")
     _say(f"privacy gate: {len(contracts)} site sources ({cfg.federation.site_source}) under "
          f"{sites_dir}; {sum(g.used for g in gates)} of {sum(g.rows_read for g in gates)} "
          "customers take part (" + ", ".join(

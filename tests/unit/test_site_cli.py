@@ -67,7 +67,10 @@ def test_consent_import_status_and_bad_file(tmp_path: Path,
     consents = tmp_path / "consents.csv"
     consents.write_text("customer_id,granted_at,withdrawn_at\nA1,2026-01-01,\n"
                         "A2,2026-01-01,2026-02-01\nA3,true,\n", "utf-8")
-    code, out, _ = _run(capsys, contract, "consent", "import", str(consents))
+    code, _, err = _run(capsys, contract, "consent", "import", str(consents))
+    assert code == 2 and "row 3" in err and "--granted-at" in err  # 'true' has no date
+    code, out, _ = _run(capsys, contract, "consent", "import", str(consents),
+                        "--granted-at", "2026-01-01")
     assert code == 0 and "imported 3" in out
     code, out, _ = _run(capsys, contract, "consent", "status")
     status = json.loads(out)
@@ -93,7 +96,7 @@ def test_rectify_erase_and_access(tmp_path: Path, capsys: pytest.CaptureFixture[
     answer = json.loads(out)
     assert answer["held"] is False and "nothing is held" in answer["statement"]
     code, _, err = _run(capsys, contract, "rectify", "NOPE")
-    assert code == 2 and "not in the source" in err
+    assert code == 2 and "no valid row of the source" in err
 
 
 def test_rotate_key_rekeys_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
