@@ -1,0 +1,122 @@
+"""Real processes on 127.0.0.1: a SuperLink with TLS and SuperNode authentication, SuperNodes.
+
+The PKI comes from ``fedseg-pki`` (common/pki.py); every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.pki import init_pki
+from tests.deployment import Deployment
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    federation = Deployment(tmp_path_factory.mktemp("deploy"))
+    try:
+        federation.start_superlink()
+        yield federation
+    finally:
+        federation.stop()
+        assert all(p.poll() is not None for p in federation.procs.values())
+
+
+def test_a_registered_site_connects_over_tls(deployment: Deployment) -> None:
+    deployment.site_key("north")
+    registered = deployment.register("north")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    assert "registered successfully" in registered.stdout
+    deployment.start_supernode("north")
+    assert deployment.wait_for("supernode-north", "SuperNode ID:", timeout=60), \
+        deployment.log("supernode-north")[-2000:]
+
+
+def test_an_unregistered_site_is_refused(deployment: Deployment) -> None:
+    deployment.site_key("intruder")  # a valid key pair, never registered
+    deployment.start_supernode("intruder", max_retries=1)
+    assert deployment.wait_for("supernode-intruder", "Failed to activate SuperNode",
+                               timeout=60), deployment.log("supernode-intruder")[-2000:]
+    assert "SuperNode ID:" not in deployment.log("supernode-intruder")
+    assert "No SuperNode found with the given public key" in deployment.log("superlink")
+
+
+def test_a_node_without_the_ca_cannot_connect(deployment: Deployment, tmp_path: Path) -> None:
+    other = init_pki(tmp_path / "other-pki")  # a CA the SuperLink's certificate is not from
+    deployment.site_key("stranger")
+    assert deployment.register("stranger").returncode == 0
+    deployment.start_supernode("stranger", ca=other.ca_cert, max_retries=1)
+    assert deployment.wait_for("supernode-stranger", "CERTIFICATE_VERIFY_FAILED",
+                               timeout=60), deployment.log("supernode-stranger")[-2000:]
+    assert "SuperNode ID:" not in deployment.log("supernode-stranger")
+
+
+OVERRIDES = ["data.num_customers=900", "data.num_regions=3", "model.k=3", "privacy=secagg",
+             "strategy.max_rounds=2", "strategy.init_rounds=1", "strategy.n_init=1"]
+
+
+def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
+    """3 SuperNodes over TLS with auth, each on its own site files behind its gate."""
+    import json
+    import subprocess
+
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from simulations.run import CONF_DIR, build_sites, run
+    from simulations.site_sources import write_sites
+    from tests.deployment import BIN
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*OVERRIDES, "centralized_reference=false"])
+    population, parts = build_sites(cfg)
+    contracts = write_sites(population, parts, sites_dir=tmp_path / "sites",
+                            state_dir=tmp_path / "site-state")
+    federation = Deployment(tmp_path / "deploy")
+    try:
+        federation.start_superlink()
+        for i, contract in enumerate(contracts):
+            site = f"site{i}"
+            federation.site_key(site)
+            assert federation.register(site).returncode == 0
+            federation.start_supernode(site, node_config=(
+                f'fedseg-contract="{contract}" fedseg-site-name="{site}" '
+                f'fedseg-site-dir="{tmp_path / "site-state"}" '
+                'fedseg-site-overrides="site.require_dp=false"'))
+        for i in range(len(contracts)):
+            assert federation.wait_for(f"supernode-site{i}", "SuperNode ID:", timeout=60)
+        out = tmp_path / "deployed"
+        run_config = f'fedseg-overrides="{" ".join(OVERRIDES)}" fedseg-output-dir="{out}"'
+        result = subprocess.run([str(BIN / "flwr"), "run", ".", "local", "--stream",
+                                 "--run-config", run_config],
+                                cwd=Path(__file__).resolve().parents[2], env=federation.env,
+                                capture_output=True, text=True, timeout=900, check=False)
+        assert (out / "segments.json").is_file(), result.stdout[-3000:] + result.stderr[-2000:]
+    finally:
+        federation.stop()
+    simulated = tmp_path / "simulated"
+    run(cfg, output_dir=simulated)
+    deployed_model = json.loads((out / "segments.json").read_text("utf-8"))
+    simulated_model = json.loads((simulated / "segments.json").read_text("utf-8"))
+    assert deployed_model["scaling"]["count"] == simulated_model["scaling"]["count"] == 813.0
+    np.testing.assert_allclose(deployed_model["scaling"]["mean"],
+                               simulated_model["scaling"]["mean"], rtol=1e-9)
+    def centroids(model: dict) -> np.ndarray:
+        return np.array([[*s["centroid_scaled"], *s["centroid"].values()]
+                         for s in model["segments"]])
+
+    np.testing.assert_allclose(centroids(deployed_model), centroids(simulated_model),
+                               rtol=1e-9)
+    assert [s["size"] for s in deployed_model["segments"]] == \
+        [s["size"] for s in simulated_model["segments"]]
+    # each site's audit log, under its own directory, is intact
+    from client.audit_chain import verify_chain
+
+    logs = sorted((tmp_path / "site-state" / "audit").glob("site-*.jsonl"))
+    assert [p.name for p in logs] == ["site-site0.jsonl", "site-site1.jsonl", "site-site2.jsonl"]
+    assert all(verify_chain(p).ok for p in logs)
