@@ -47,15 +47,20 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _parse_time(text: str | None, what: str) -> datetime:
-    if text is None or text == "":
-        return _now()
+def _iso_time(text: str, error: str) -> datetime:
+    """Parse ISO 8601 (a naive time is UTC); raise ``error`` as the user's message."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise FedsegError(f"{what}={text!r} is not a date/time; expected ISO 8601, e.g. "
-                          "2026-11-29 or 2026-11-29T14:00:00+00:00.") from None
+        raise FedsegError(error) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _parse_time(text: str | None, what: str) -> datetime:
+    if text is None or text == "":
+        return _now()
+    return _iso_time(text, f"{what}={text!r} is not a date/time; expected ISO 8601, e.g. "
+                           "2026-11-29 or 2026-11-29T14:00:00+00:00.")
 
 
 def _print_json(data: Any) -> None:
@@ -301,12 +306,8 @@ def _cell_time(cell: str | None, where: str, row: int, column: str,
                               "value has no date; give the date it stands for with "
                               "--granted-at DATE (or put dates in the file).")
         return default
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise FedsegError(f"consent file {where}, row {row}, column {column!r}: expected an "
-                          "ISO 8601 date/time or true/false.") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return _iso_time(text, f"consent file {where}, row {row}, column {column!r}: expected an "
+                           "ISO 8601 date/time or true/false.")
 
 
 def cmd_access(site: Site, args: argparse.Namespace) -> int:
