@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from client.app import SiteData, make_client_app
 from common.config import register_configs
@@ -121,6 +121,18 @@ def _query(message: Message, context: Context) -> Message:
 server_app = ServerApp()
 
 
+def run_output_dir(configured: str, run_id: int) -> Path:
+    """Return the run's own output directory: the run config's, else a fresh one per run.
+
+    ``fedseg-output-dir`` empty (the default) gives ``outputs/flwr/<date>/<time>-run<id>``, so
+    no run overwrites another's model.
+    """
+    if configured:
+        return Path(configured)
+    return Path("outputs") / "flwr" / time.strftime("%Y-%m-%d") / \
+        f"{time.strftime('%H-%M-%S')}-run{run_id}"
+
+
 def _print_round(record: RoundRecord) -> None:
     cost = "" if record.cost is None else f" cost={record.cost:,.1f}"
     print(f"[fedseg] round {record.round:>2} {record.phase:<8} sites={record.num_sites}{cost} "
@@ -143,8 +155,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     settings = plan.settings
     result = run_federated_kmeans(grid, context, plan, on_round=_print_round)
     assert result.model is not None
-    out = Path(str(context.run_config.get(OUTPUT_KEY, "outputs/flwr-run")))
+    out = run_output_dir(str(context.run_config.get(OUTPUT_KEY, "")), context.run_id)
     out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.resolved.yaml", resolve=True)
     result.model.to_json(out / "segments.json")
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as handle:
         for record in result.coordinator.history:
@@ -158,3 +171,5 @@ def _server_main(grid: Grid, context: Context) -> None:
     for segment in result.model.segments:
         print(f"[fedseg] {segment.name:<44} {segment.size:>7}", flush=True)
     print(f"[fedseg] segment model: {(out / 'segments.json').resolve()}", flush=True)
+    print(f"[fedseg] run directory: {out.resolve()} (segments.json, summary.json, "
+          "metrics.jsonl, config.resolved.yaml)", flush=True)

@@ -98,6 +98,7 @@ def test_flwr_run_dot_builds_a_segment_model_with_secagg(tmp_path):
     assert process.returncode is not None  # ours is gone; nothing else was signalled
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     model = json.loads((out / "segments.json").read_text())
+    assert (out / "config.resolved.yaml").is_file()
     assert model["privacy"]["secure_aggregation"] == "secagg+"
     assert len(model["segments"]) == 4
     assert sum(s["size"] for s in model["segments"]) > 2500
