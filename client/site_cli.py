@@ -490,6 +490,7 @@ def cmd_report(site: Site, args: argparse.Namespace) -> int:
     erased = gate.store.erased()
     still_used = int(sum(1 for p in data.pseudonyms if p in erased))
     spent = files.privacy_events()
+    delta = files.privacy_delta() or 1e-6
     from common.dp import epsilon_spent
 
     desc = gate.store.describe()
@@ -514,7 +515,8 @@ def cmd_report(site: Site, args: argparse.Namespace) -> int:
         f"shared: {sent['messages']} message(s), {sent['bytes']:,} bytes, mechanisms "
         f"{sent['mechanisms'] or ['none']}, refusals {sent['refusals']}",
         f"differential privacy: {len(spent)} release(s), epsilon spent "
-        f"{epsilon_spent(spent, 1e-6) if spent else 0.0:.4f} (delta 1e-6)",
+        f"{epsilon_spent(spent, delta) if spent else 0.0:.4f} (delta {delta:g}, the site "
+        "policy's, as recorded in its privacy ledger)",
         f"audit log: {'intact' if audit.ok else 'NOT INTACT: ' + str(audit.problem)}"
         f" ({audit.lines} line(s))",
         f"encryption at rest: {desc.get('encryption')}",

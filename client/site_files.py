@@ -115,6 +115,19 @@ class SiteFiles:
             events.append(value)
         return events
 
+    def privacy_delta(self) -> float | None:
+        """Return the delta of the site's budget as its latest ledger entry records it."""
+        if not self.privacy_ledger.is_file():
+            return None
+        for line in reversed(self.privacy_ledger.read_text(encoding="utf-8").splitlines()):
+            try:
+                value = float(json.loads(line)["delta"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if 0 < value < 1:
+                return value
+        return None
+
     @contextlib.contextmanager
     def privacy_lock(self) -> Iterator[None]:
         """Hold an exclusive lock on the privacy ledger (read-check-append is one step)."""

@@ -63,12 +63,20 @@ class Population:
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+SYNTHETIC_LABELS = {
+    "recency_days": "Days since last order", "frequency": "Orders per year",
+    "monetary": "Annual spend", "avg_basket": "Average basket", "tenure_years": "Customer for",
+    "online_share": "Share of orders online", "discount_share": "Share of orders discounted",
+}
+"""What a marketer calls each synthetic feature (written into the simulated sites' contracts)."""
+
+
 def synthetic_features() -> tuple[FeatureSpec, ...]:
     """Return the public feature list of the synthetic retail data."""
     return tuple(
         FeatureSpec(name=name, unit=FEATURE_INFO[name].unit, transform=FEATURE_INFO[name].transform,
                     high_label=FEATURE_INFO[name].high_label,
-                    low_label=FEATURE_INFO[name].low_label)
+                    low_label=FEATURE_INFO[name].low_label, label=SYNTHETIC_LABELS[name])
         for name in FEATURES
     )
 
