@@ -126,6 +126,8 @@ class CoordinatorViews:
     features: tuple[FeatureSpec, ...]
     centres: NDArray[np.float64] | None
     model_stats: ProfileStats | None
+    scaler: GlobalScaler | None
+    settings: Any
 
     @property
     def n_features(self) -> int:
@@ -140,6 +142,20 @@ class CoordinatorViews:
     def n_centres(self) -> int:
         """Centres the current phase sends to sites (0 in the moments phase)."""
         return 0 if self.centres is None else int(self.centres.shape[0])
+
+    def _segment_model(self, *, privacy: dict[str, Any], training: dict[str, Any],
+                       config: dict[str, Any]) -> SegmentModel:
+        """Build the published model from the profile round (both coordinators)."""
+        assert self.model_stats is not None and self.scaler is not None
+        return SegmentModel.build(
+            stats=self.model_stats,
+            features=self.features,
+            scaler=self.scaler,
+            min_segment_size=self.settings.min_segment_size,
+            privacy=privacy,
+            training=training,
+            config=config,
+        )
 
 
 @dataclass
@@ -352,15 +368,7 @@ class KMeansCoordinator(CoordinatorViews):
             else float(self.model_stats.costs.sum()),
             "num_records": float(self.model_stats.counts.sum()),
         }
-        return SegmentModel.build(
-            stats=self.model_stats,
-            features=self.features,
-            scaler=self.scaler,
-            min_segment_size=self.settings.min_segment_size,
-            privacy=privacy,
-            training=training,
-            config=config,
-        )
+        return self._segment_model(privacy=privacy, training=training, config=config)
 
 
 def check_sums(

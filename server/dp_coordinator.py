@@ -236,15 +236,7 @@ class DPKMeansCoordinator(CoordinatorViews):
             "cost": None,
             "num_records": float(self.model_stats.counts.sum()),
         }
-        return SegmentModel.build(
-            stats=self.model_stats,
-            features=self.features,
-            scaler=self.scaler,
-            min_segment_size=self.settings.min_segment_size,
-            privacy=privacy,
-            training=training,
-            config=config,
-        )
+        return self._segment_model(privacy=privacy, training=training, config=config)
 
 
 def expected_noise_summary(dp: DpPlan, features: tuple[FeatureSpec, ...]) -> dict[str, Any]:

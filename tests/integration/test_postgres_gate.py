@@ -48,25 +48,28 @@ def _flag(cell: str | None) -> bool | None:
     return None if cell is None else cell == "true"
 
 
-def _create_customers(url: str, rows: list[list[Any]]) -> None:
-    """A typed ``customers`` table: TEXT ids/names, DOUBLE PRECISION, BOOLEAN consent."""
+def _create_table(url: str, name: str, columns: dict[str, Any],
+                  rows: list[dict[str, Any]]) -> None:
+    """Create a typed table and insert ``rows`` through SQLAlchemy."""
     metadata = sa.MetaData()
-    table = sa.Table(
-        "customers", metadata,
-        sa.Column("customer_id", sa.Text), sa.Column("name", sa.Text),
-        sa.Column("email", sa.Text), sa.Column("spend", sa.Double),
-        sa.Column("visits", sa.Double), sa.Column("channel", sa.Text),
-        sa.Column("member", sa.Text), sa.Column("consent", sa.Boolean))
+    table = sa.Table(name, metadata, *(sa.Column(c, t) for c, t in columns.items()))
     engine = sa.create_engine(url)
     try:
         metadata.create_all(engine)
         with engine.begin() as conn:
-            conn.execute(table.insert(), [
-                {"customer_id": r[0], "name": r[1], "email": r[2], "spend": _number(r[3]),
-                 "visits": _number(r[4]), "channel": r[5], "member": r[6],
-                 "consent": _flag(r[7])} for r in rows])
+            conn.execute(table.insert(), rows)
     finally:
         engine.dispose()
+
+
+def _create_customers(url: str, rows: list[list[Any]]) -> None:
+    """A typed ``customers`` table: TEXT ids/names, DOUBLE PRECISION, BOOLEAN consent."""
+    _create_table(url, "customers", {
+        "customer_id": sa.Text, "name": sa.Text, "email": sa.Text, "spend": sa.Double,
+        "visits": sa.Double, "channel": sa.Text, "member": sa.Text, "consent": sa.Boolean},
+        [{"customer_id": r[0], "name": r[1], "email": r[2], "spend": _number(r[3]),
+          "visits": _number(r[4]), "channel": r[5], "member": r[6], "consent": _flag(r[7])}
+         for r in rows])
 
 
 @pytest.fixture(scope="module")
@@ -166,20 +169,10 @@ def test_withdrawal_and_erasure_in_the_postgres_store_match_sqlite(
 
 def _create_transactions(url: str, rows: list[list[Any]]) -> None:
     """A typed transaction table: TIMESTAMP ts, DOUBLE PRECISION amount."""
-    metadata = sa.MetaData()
-    table = sa.Table(
-        "tx", metadata,
-        sa.Column("customer_id", sa.Text), sa.Column("order_id", sa.Text),
-        sa.Column("ts", sa.DateTime), sa.Column("amount", sa.Double),
-        sa.Column("category", sa.Text), sa.Column("email", sa.Text))
-    engine = sa.create_engine(url)
-    try:
-        metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(table.insert(), [dict(zip(TX_HEADER, row, strict=True))
-                                          for row in rows])
-    finally:
-        engine.dispose()
+    _create_table(url, "tx", {
+        "customer_id": sa.Text, "order_id": sa.Text, "ts": sa.DateTime, "amount": sa.Double,
+        "category": sa.Text, "email": sa.Text},
+        [dict(zip(TX_HEADER, row, strict=True)) for row in rows])
 
 
 def _typed_tx(row: list[str | None]) -> list[Any]:
