@@ -384,3 +384,22 @@ class PrivacyGate:
         v = self.validated()
         hits = np.flatnonzero(v.pseudonyms == pseudonym)
         return pseudonym, None if hits.size == 0 else v.matrix[int(hits[0])]
+
+
+_GATES: dict[str, PrivacyGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def open_gate(contract: str | Path) -> PrivacyGate:
+    """Return this process's gate for a contract, opened once.
+
+    A long-lived process (the deployment's site worker, a simulation worker) serves many
+    messages; each one reads through the same gate, whose cache makes a round's read cheap
+    while consent, erasures and the source are still checked at every round.
+    """
+    name = str(contract)
+    with _GATES_LOCK:
+        gate = _GATES.get(name)
+        if gate is None:
+            gate = _GATES[name] = PrivacyGate.open(name)
+        return gate

@@ -6,15 +6,26 @@ message naming the key, instead of deep inside a run.
 
 from __future__ import annotations
 
+import functools
+import shlex
 from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from common.dp import DpSettings
+from common.errors import ConfigError, FedsegError
 from common.site_policy import SitePolicy
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+"""The project's Hydra config tree (shipped inside the Flower app bundle too)."""
 
 
 @dataclass
@@ -86,13 +97,24 @@ class StrategyConfig:
 
 
 @dataclass
+class StageTimeoutsConfig:
+    """Per-stage overrides of ``privacy.timeout`` (null: ``privacy.timeout``)."""
+
+    setup: float | None = 300.0
+    share_keys: float | None = None
+    collect_masked_vectors: float | None = None
+    unmask: float | None = None
+
+
+@dataclass
 class SecAggPrivacyConfig:
     """SecAgg+ secure aggregation (``privacy=secagg``, the default)."""
 
     _target_: str = "server.app.SecAggSettings"
     num_shares: float | None = None
     reconstruction_threshold: float | None = None
-    timeout: float | None = None
+    timeout: float | None = 120.0
+    stage_timeouts: StageTimeoutsConfig = field(default_factory=StageTimeoutsConfig)
 
 
 @dataclass
@@ -133,10 +155,12 @@ def _dp_privacy_schema() -> type:
     target ``server.app.SecAggDpSettings`` combines both.
     """
     hints = get_type_hints(DpSettings)
+    secagg_hints = get_type_hints(SecAggPrivacyConfig)
     specs: list[Any] = [
         ("_target_", str, field(default="server.app.SecAggDpSettings")),
-        *[(f.name, f.type, field(default=f.default)) for f in fields(SecAggPrivacyConfig)
-          if f.name != "_target_"],
+        *[(f.name, secagg_hints[f.name], field(default_factory=f.default_factory)
+           if f.default is MISSING_FIELD else field(default=f.default))
+          for f in fields(SecAggPrivacyConfig) if f.name != "_target_"],
         *[(f.name, hints[f.name], field(default_factory=f.default_factory)
            if f.default is MISSING_FIELD else field(default=f.default))
           for f in fields(DpSettings)],
@@ -160,6 +184,7 @@ class FederationConfig:
     cpus_per_site: float = 1.0
     site_source: str = "sqlite"
     sites_dir: str | None = None
+    poll_interval: float = 0.1
 
 
 @dataclass
@@ -194,3 +219,33 @@ def register_configs() -> None:
     cs.store(group="privacy", name="secagg_dp_schema", node=SecAggDpPrivacyConfig)
     cs.store(group="federation", name="simulation_schema", node=FederationConfig)
     cs.store(group="site", name="policy_schema", node=SitePolicyConfig)
+
+
+@functools.lru_cache(maxsize=8)
+def compose_config(overrides: str = "") -> DictConfig:
+    """Compose ``conf/config.yaml`` with space-separated Hydra overrides (cached per string).
+
+    The same tree the simulation composes: a deployment's ServerApp and every site compose it
+    too, each with only its own overrides.
+    """
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=shlex.split(overrides))
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"could not compose the configuration with overrides "
+                          f"{overrides!r}: {first}") from exc
+
+
+def instantiate_config(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces fedseg's own error instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, FedsegError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(exc).splitlines()[0]) from exc

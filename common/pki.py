@@ -116,6 +116,8 @@ def init_pki(root: Path, *, sans: Sequence[str] = DEFAULT_SANS, days: int = DEFA
         The PKI directory.
     sans : sequence of str
         DNS names and IP addresses the SuperLink is reached at (subject alternative names).
+        ``localhost`` and ``127.0.0.1`` are always added: the SuperLink's own ServerApp
+        processes connect to it at ``127.0.0.1`` and check its certificate.
     days : int
         Validity of both certificates.
     force : bool
@@ -125,6 +127,7 @@ def init_pki(root: Path, *, sans: Sequence[str] = DEFAULT_SANS, days: int = DEFA
         raise ConfigError(f"--days={days} should be >= 1.")
     if not sans:
         raise ConfigError("give at least one --san (a DNS name or IP address of the SuperLink).")
+    sans = tuple(dict.fromkeys([*sans, *DEFAULT_SANS]))  # given first (the subject), no repeats
     paths = PkiPaths(root)
     for existing in (paths.ca_key, paths.server_key):
         if existing.exists() and not force:
@@ -243,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("init", help="create the CA and the SuperLink certificate")
     p.add_argument("--san", action="append", default=None,
-                   help="a DNS name or IP address of the SuperLink (repeat; default: "
-                   "localhost and 127.0.0.1)")
+                   help="a DNS name or IP address of the SuperLink (repeat; localhost and "
+                   "127.0.0.1 are always included, for the SuperLink's own processes)")
     p.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity in days")
     p.add_argument("--force", action="store_true", help="replace an existing PKI")
     p = sub.add_parser("site", help="create a site's SuperNode authentication key pair")

@@ -9,7 +9,14 @@ A reply of any other shape is refused, and a test checks every message a site se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import ProtocolError
 
 
 class Phase(StrEnum):
@@ -51,6 +58,85 @@ def reply_shapes(
     if phase is Phase.PROFILE:
         return [(k,), (k, d), (k,), (k, d), (k, d)]
     raise ValueError(f"unknown phase {phase!r}")
+
+
+class Role(StrEnum):
+    """What one array of a reply holds, as far as the server can check it."""
+
+    COUNT = "counts"
+    """Customers per cell: whole and non-negative at a site (noisy once DP noise is added)."""
+    NONNEGATIVE = "costs or sums of squares"
+    """Sums of squared values or distances: never negative at a site."""
+    SIGNED = "sums"
+    """Sums of (standardised or raw) values: any sign."""
+
+
+def reply_roles(phase: Phase, *, dp: bool = False) -> tuple[Role, ...]:
+    """Return what each array of a site's reply in ``phase`` holds (order of :func:`reply_shapes`).
+
+    Parameters
+    ----------
+    phase : Phase
+    dp : bool, default=False
+        Differentially private layout: the normalised moments and clipped offset sums of
+        :mod:`common.dp` have any sign; only the counts keep their role.
+    """
+    c, n, s = Role.COUNT, Role.NONNEGATIVE, Role.SIGNED
+    if dp:
+        if phase is Phase.MOMENTS:
+            return (c, s, s)
+        return (c, s) if phase is Phase.PROFILE else (s, c)
+    if phase is Phase.MOMENTS:
+        return (c, s, n)  # count, sums, sums of squares
+    if phase in (Phase.INIT, Phase.LLOYD):
+        return (s, n, c, n)  # sums, sums of squares, counts, costs
+    if phase is Phase.PROFILE:
+        return (c, s, n, s, n)  # counts, sums, costs, raw sums, raw sums of squares
+    raise ValueError(f"unknown phase {phase!r}")
+
+
+def check_site_reply(
+    arrays: Sequence[NDArray[Any]], *, phase: Phase, shapes: Sequence[tuple[int, ...]]
+) -> None:
+    """Refuse one site's plain (unencoded, non-DP) reply that no honest site can send.
+
+    An honest site sends exactly the public layout of :func:`reply_shapes` in float64, every
+    entry finite, counts whole and non-negative, costs and sums of squares non-negative. The
+    message names the array and what was wrong with it, never a value.
+
+    Parameters
+    ----------
+    arrays : sequence of ndarray
+        The arrays of the reply, as received.
+    phase : Phase
+        The phase the server asked for.
+    shapes : sequence of tuple of int
+        The public shapes expected in this round (:func:`reply_shapes`).
+
+    Raises
+    ------
+    ProtocolError
+        Naming the first problem found.
+    """
+    roles = reply_roles(phase)
+    if len(arrays) != len(shapes):
+        raise ProtocolError(f"{len(arrays)} arrays; the {phase.value} phase expects "
+                            f"{len(shapes)}.")
+    for index, (raw, shape, role) in enumerate(zip(arrays, shapes, roles, strict=True)):
+        arr = np.asarray(raw)
+        if arr.dtype != np.float64:
+            raise ProtocolError(f"array #{index} ({role.value}) has dtype {arr.dtype}; "
+                                "expected float64.")
+        if arr.shape != tuple(shape):
+            raise ProtocolError(f"array #{index} ({role.value}) has shape {arr.shape}; "
+                                f"expected {tuple(shape)}.")
+        if not np.all(np.isfinite(arr)):
+            raise ProtocolError(f"array #{index} ({role.value}) holds non-finite values.")
+        if role is not Role.SIGNED and np.any(arr < 0):
+            raise ProtocolError(f"array #{index} ({role.value}) holds negative values.")
+        if role is Role.COUNT and np.any(arr != np.rint(arr)):
+            raise ProtocolError(f"array #{index} ({role.value}) holds values that are not "
+                                "whole numbers.")
 
 
 def instruction_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list[tuple[int, ...]]:

@@ -66,6 +66,18 @@ MAX_ABS_VALUE = 2.0 ** (TOTAL_BITS - FRACTION_BITS - SITE_BITS - 1)
 """Largest magnitude one site may send (``2**87 ~ 1.5e26``): ``2**16`` of them cannot wrap."""
 
 
+LIMB_TOLERANCE = 1e-3
+"""Largest distance of a decoded limb sum from a whole number before the aggregate is refused.
+
+Flower unmasks in integers and then averages in float64 (``n * Q <= 2**32`` times a relative
+error of a few ``2**-53``): an honest limb sum is within ``2**-19`` of a whole number. A site
+that masks another weight than ``Q`` scales every limb sum ``L`` by ``n*Q / (n*Q + e)``; the
+public offset keeps the upper limb sums near ``n*Q/2``, which then move by about ``e/2`` and
+are refused unless every limb sum lands next to a whole number (an even ``e`` can); what gets
+through is left to the coordinator's plausibility checks (``server.coordinator.check_sums``).
+"""
+
+
 def quantization_range_for(num_sites: int) -> int:
     """Return the SecAgg+ ``quantization_range`` that cannot overflow for ``num_sites`` sites.
 
@@ -240,6 +252,13 @@ class SecAggPlusSumCodec:
         -------
         list of ndarray
             float64 sums of shape ``shape`` per statistic.
+
+        Raises
+        ------
+        ProtocolError
+            When an array does not have ``limbs`` rows, or its limb sums are not whole numbers
+            between ``0`` and ``num_sites * (quantization_range - 1)``: no set of
+            ``num_sites`` sites following the encoding can produce it.
         """
         if num_sites < 1:
             raise ProtocolError(f"num_sites={num_sites} should be >= 1 to decode a sum.")
@@ -254,7 +273,19 @@ class SecAggPlusSumCodec:
                     f"aggregate #{index} has shape {arr.shape}; expected ({self.limbs}, ...)."
                 )
             # Undo SecAgg+'s averaging and the [-1, 1) mapping: exact integer limb sums.
-            limb_sums = np.rint((arr * num_sites + num_sites) * (self.quantization_range / 2.0))
+            scaled = (arr * num_sites + num_sites) * (self.quantization_range / 2.0)
+            limb_sums = np.rint(scaled)
+            # Every site's limb is a whole number in [0, Q - 1], so their sum is one in
+            # [0, n * (Q - 1)]; Flower's float arithmetic is off by under 2**-19 here.
+            if not np.all(np.isfinite(scaled)) or \
+                    np.any(np.abs(scaled - limb_sums) > LIMB_TOLERANCE) or \
+                    np.any(limb_sums < 0) or \
+                    np.any(limb_sums > num_sites * (self.quantization_range - 1)):
+                raise ProtocolError(
+                    f"aggregate #{index} is not a sum of {num_sites} sites' limbs (whole numbers "
+                    f"between 0 and {num_sites} * (quantization_range - 1)): a site's masked "
+                    "vector or weight does not follow the encoding."
+                )
             flat = limb_sums.reshape(self.limbs, -1)
             result = np.empty(flat.shape[1], dtype=np.float64)
             for j in range(flat.shape[1]):

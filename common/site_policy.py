@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from omegaconf import DictConfig, OmegaConf
 
-from common.errors import SiteRefusal
+from common.errors import ConfigError, SiteRefusal
 from common.protocol import Phase
 from common.secagg_params import (
     DEFAULT_COLLUSION_FRACTION,
@@ -448,3 +449,39 @@ def policy_summary(policy: SitePolicy) -> str:
             f"rounds/run<={policy.max_rounds_per_run}, rounds/day<={policy.max_rounds_per_day}, "
             f"dropouts {'tolerated' if policy.tolerate_dropouts else 'stop the run'}")
 
+
+def site_policy_from_config(node: Any, *, secagg: bool | None,
+                            dp: tuple[float, float] | None = None) -> SitePolicy:
+    """Build the sites' :class:`SitePolicy` from a ``site`` config node.
+
+    Parameters
+    ----------
+    node : DictConfig or mapping
+        The ``site`` group.
+    secagg : bool or None
+        The simulation's ``privacy`` choice, used when ``site.mechanism`` is null (in a local
+        simulation one operator configures both sides). ``None``: a site on its own, which
+        requires SecAgg+ unless its configuration says otherwise.
+    dp : (epsilon, delta) or None
+        The run's DP target (``privacy=secagg_dp``) or None (no DP), used when
+        ``site.require_dp`` / ``site.dp_epsilon`` / ``site.dp_delta`` are null. Only meaningful
+        with ``secagg`` not None.
+    """
+    container: Any = OmegaConf.to_container(node, resolve=True) \
+        if isinstance(node, DictConfig) else node
+    values = {str(k): v for k, v in dict(container).items()}
+    if values.get("mechanism") is None:
+        values["mechanism"] = "none" if secagg is False else "secagg+"
+    standalone = secagg is None
+    if values.get("require_dp") is None:
+        values["require_dp"] = True if standalone else dp is not None
+    for key, index in (("dp_epsilon", 0), ("dp_delta", 1)):
+        if values.get(key) is None:
+            if dp is not None:
+                values[key] = dp[index]
+            else:
+                values.pop(key, None)
+    try:
+        return SitePolicy.from_mapping(values, source="site policy (site.*)")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
@@ -22,7 +22,6 @@ from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
@@ -45,6 +44,8 @@ from common.segment_model import SegmentModel
 from common.site_policy import RunPlan
 from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator, expected_noise_summary
+from server.grid import Dropout, FastPollGrid, site_names
+from server.secagg_checks import ScreeningSecAggPlusWorkflow
 from server.strategy import FederatedKMeans, describe_failure
 
 SECAGG_MODULES = (
@@ -53,6 +54,10 @@ SECAGG_MODULES = (
 )
 """Flower modules whose SecAgg+ mask generator the server replaces (see common.mask_prg)."""
 mask_prg.install(*SECAGG_MODULES)
+
+
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+"""The four SecAgg+ stages of a round, each one message exchange with every site."""
 
 
 def secagg_shares(num_sites: int, *, tolerate_dropouts: bool = False) -> tuple[int, int]:
@@ -94,12 +99,36 @@ class SecAggSettings:
         value <= 1 is a fraction of ``num_shares``; a value > 1 is a count. Sites refuse a
         threshold below their policy's rule.
     timeout : float or None
-        Seconds to wait for replies in each stage (None: wait for all).
+        Seconds to wait for the sites' replies in each stage (None: until every site has
+        answered or Flower has found it offline, ~60 s after its last heartbeat).
+    stage_timeouts : mapping or None
+        Per-stage overrides of ``timeout``, keyed by :data:`SECAGG_STAGES` (a missing or null
+        entry: ``timeout``).
     """
 
     num_shares: float | None = None
     reconstruction_threshold: float | None = None
     timeout: float | None = None
+    stage_timeouts: Mapping[str, float | None] | None = None
+
+    def stage_timeout(self, stage: str) -> float | None:
+        """Seconds to wait for replies in ``stage`` (checked by :meth:`check_timeouts`)."""
+        override = dict(self.stage_timeouts or {}).get(stage)
+        return self.timeout if override is None else float(override)
+
+    def check_timeouts(self) -> None:
+        """Refuse unknown stage names and non-positive timeouts, naming the key."""
+        unknown = sorted(set(self.stage_timeouts or {}) - set(SECAGG_STAGES))
+        if unknown:
+            raise ConfigError(f"privacy.stage_timeouts has unknown stage(s) {unknown}; "
+                              f"expected some of {list(SECAGG_STAGES)}.")
+        for stage in SECAGG_STAGES:
+            value = self.stage_timeout(stage)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < 1e6):
+                key = ("privacy.timeout" if dict(self.stage_timeouts or {}).get(stage) is None
+                       else f"privacy.stage_timeouts.{stage}")
+                raise ConfigError(f"{key}={value!r} should be a number of seconds > 0 "
+                                  "(or null: wait until every site answered).")
 
     def resolve(self, num_sites: int, *, tolerate_dropouts: bool = False) -> tuple[int, int]:
         """Return the ``(num_shares, threshold)`` Flower will use for ``num_sites`` sites.
@@ -192,6 +221,7 @@ class FederationPlan:
         if self.secagg is not None:
             check_no_wrap(num_sites=self.num_sites, quantization_range=self.quantization_range)
             self.secagg_parameters()
+            self.secagg.check_timeouts()
 
     @property
     def max_rounds(self) -> int:
@@ -298,26 +328,111 @@ class FederationPlan:
         }
 
 
-class FailureRecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, keeping the round's failed replies for the error message.
+class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with a timeout per stage, naming the sites a round lost.
 
-    Sites answer refusals with a code and a generic text only; when a refusal halts a round,
-    those codes are what tells the operator why.
+    Sites answer refusals with a code and a generic text only; when a refusal or a dropout
+    halts a round, those codes and the sites' names are what tells the operator why.
+
+    Parameters
+    ----------
+    stage_timeouts : mapping
+        Seconds to wait for replies in each of :data:`SECAGG_STAGES` (None: until every site
+        answered or was found offline).
+    **kwargs
+        ``SecAggPlusWorkflow``'s parameters.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, stage_timeouts: Mapping[str, float | None], planned_sites: int = 0,
+                 parameters_for: Callable[[int], tuple[float, float]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.stage_timeouts = dict(stage_timeouts)
+        self.planned_sites = planned_sites
+        self.parameters_for = parameters_for
         self._state: Any = None
 
+    def _fit_to_connected(self, context: LegacyContext) -> None:
+        """Size the round's SecAgg+ parameters to the sites still connected.
+
+        After a site has left for good (``strategy.accept_partial_rounds``), a round samples
+        fewer sites than planned; the neighbourhood and threshold are then derived for that
+        number by the same rule, or every site would refuse a neighbourhood larger than the
+        round.
+        """
+        if self.parameters_for is None:
+            return
+        connected = min(self.planned_sites, context.client_manager.num_available())
+        if connected < 2:
+            return
+        try:
+            self.num_shares, self.reconstruction_threshold = self.parameters_for(connected)
+        except ConfigError:
+            pass  # an explicit neighbourhood larger than the round: the sites refuse it
+
+    def _enter(self, stage: str, grid: Grid) -> None:
+        self.timeout = self.stage_timeouts.get(stage)
+        if isinstance(grid, FastPollGrid):
+            grid.stage, grid.stage_timeout = stage, self.timeout
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        """Remember the round's state, then run Flower's set-up stage."""
+        """Remember the round's state, then run Flower's set-up stage.
+
+        A site lost here never received or sent keys: it is out of the round, not *dead* (see
+        :meth:`share_keys_stage`).
+        """
         self._state = state
-        return bool(super().setup_stage(grid, context, state))
+        self._enter("setup", grid)
+        self._fit_to_connected(context)
+        ok = bool(super().setup_stage(grid, context, state))
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Run Flower's key-sharing stage under its own timeout.
+
+        A site lost in this stage never handed out shares of its keys, so no other site masked
+        with it or can rebuild its masks. Flower 1.42 still lists it as *dead* in the unmask
+        request (every site that passed set-up and is not active), which no honest site can
+        answer (each site's guard refuses naming a site it exchanged no shares with, and
+        Flower's own mod would fail on the missing share): it is taken out of the round here.
+        """
+        self._enter("share_keys", grid)
+        before = set(state.active_node_ids)
+        ok = bool(super().share_keys_stage(grid, context, state))
+        state.sampled_node_ids = set(state.sampled_node_ids) - (before - state.active_node_ids)
+        return ok
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
+                                     state: Any) -> bool:
+        """Run Flower's masked-vector stage under its own timeout."""
+        self._enter("collect_masked_vectors", grid)
+        return bool(super().collect_masked_vectors_stage(grid, context, state))
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Run Flower's unmasking stage under its own timeout."""
+        self._enter("unmask", grid)
+        return bool(super().unmask_stage(grid, context, state))
 
     def failure_reasons(self) -> list[str]:
         """Distinct site error texts of the last round (sanitised by the sites)."""
         failures = [] if self._state is None else list(self._state.failures)
         return sorted({describe_failure(f) for f in failures})
+
+
+def flower_secagg_args(shares: int, threshold: int) -> tuple[float, float]:
+    """Return ``(num_shares, reconstruction_threshold)`` as Flower's workflow takes them.
+
+    Flower refuses integer shares <= 2 (only two sites: both share with each other) and
+    integer thresholds equal to the shares; the fraction 1.0 ("all") gives Flower the same
+    integers in those two cases.
+    """
+    return (shares if shares > 2 else 1.0), (threshold if threshold < shares else 1.0)
+
+
+def describe_dropouts(dropouts: list[Dropout]) -> str:
+    """One phrase naming the sites that dropped out, e.g. ``site 'north' (share_keys: ...)``."""
+    return "; ".join(f"site '{d.site}' ({d.stage}: {d.reason})" for d in dropouts)
 
 
 @dataclass
@@ -327,6 +442,10 @@ class RunResult:
     coordinator: KMeansCoordinator | DPKMeansCoordinator
     model: SegmentModel | None = None
     seconds: float = 0.0
+    sites: dict[str, str] = field(default_factory=dict)
+    """``node id -> site name`` of the sites at the start of the run."""
+    dropouts: list[dict[str, Any]] = field(default_factory=list)
+    """Sites lost during the run: round, stage, node id, site name, reason."""
 
 
 def run_federated_kmeans(
@@ -351,6 +470,10 @@ def run_federated_kmeans(
         ``plan``). The attack tests pass a deviating one: sites must refuse it.
     """
     started = time.perf_counter()
+    if not isinstance(grid, FastPollGrid):
+        grid = FastPollGrid(grid)
+    names = site_names(grid)
+    grid.names = names
     if coordinator is None:
         coordinator = plan.new_coordinator()
     codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
@@ -362,18 +485,19 @@ def run_federated_kmeans(
     )
     workflow: FailureRecordingSecAggPlusWorkflow | None = None
     if plan.secagg is not None:
-        shares, threshold = plan.secagg_parameters()
-        # Flower refuses integer shares <= 2 (only two sites: both share with each other) and
-        # integer thresholds equal to the shares; the fraction 1.0 ("all") gives Flower the
-        # same integers in those two cases.
+        shares, threshold = flower_secagg_args(*plan.secagg_parameters())
+        secagg = plan.secagg
         workflow = FailureRecordingSecAggPlusWorkflow(
-            num_shares=shares if shares > 2 else 1.0,
-            reconstruction_threshold=threshold if threshold < shares else 1.0,
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            planned_sites=plan.num_sites,
+            parameters_for=lambda n: flower_secagg_args(*secagg.resolve(
+                n, tolerate_dropouts=plan.settings.accept_partial_rounds)),
             max_weight=MAX_WEIGHT,
             clipping_range=CLIPPING_RANGE,
             quantization_range=plan.quantization_range,
             modulus_range=MODULUS_RANGE,
-            timeout=plan.secagg.timeout,
+            stage_timeouts={stage: plan.secagg.stage_timeout(stage) for stage in SECAGG_STAGES},
         )
         fit_workflow: Callable[[Grid, Context], None] = workflow
     else:
@@ -396,14 +520,27 @@ def run_federated_kmeans(
                 break
             cfg[Key.CURRENT_ROUND] = server_round
             before = len(coordinator.history)
-            fit_workflow(grid, legacy)
+            grid.begin_round(server_round, "fit")
+            try:
+                fit_workflow(grid, legacy)
+            except ProtocolError as exc:
+                lost = grid.round_dropouts()
+                if lost:
+                    raise ProtocolError(f"{exc} Dropped out: {describe_dropouts(lost)}.") \
+                        from exc
+                raise
+            lost = grid.round_dropouts()
+            for drop in lost:
+                log(WARNING, "fedseg: round %s: site '%s' dropped out (%s: %s)",
+                    server_round, drop.site, drop.stage, drop.reason)
             if len(coordinator.history) == before:
                 reasons = workflow.failure_reasons() if workflow is not None else []
                 raise ProtocolError(
                     f"round {server_round} ({coordinator.phase.value}) produced no aggregate: "
                     "secure aggregation halted"
+                    + (f"; dropped out: {describe_dropouts(lost)}" if lost else "")
                     + (f"; site replies: {'; '.join(reasons)}." if reasons
-                       else " (too few sites replied?).")
+                       else "." if lost else " (too few sites replied?).")
                     + " Nothing is published."
                 )
     finally:
@@ -415,7 +552,9 @@ def run_federated_kmeans(
         coordinator, DPKMeansCoordinator) else None
     model = coordinator.build_model(privacy=plan.privacy_record(released), config=plan.config)
     log(INFO, "fedseg: segment model built with %d segments", len(model.segments))
-    return RunResult(coordinator=coordinator, model=model, seconds=time.perf_counter() - started)
+    return RunResult(coordinator=coordinator, model=model, seconds=time.perf_counter() - started,
+                     sites={str(k): v for k, v in names.items()},
+                     dropouts=[d.to_dict() for d in grid.dropouts])
 
 
 def make_server_app(

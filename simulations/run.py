@@ -23,25 +23,25 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from client.app import make_client_app
+from client.gate import open_gate
 from client.site_files import SiteFiles, audit_head_name
-from common.config import register_configs
+from common.config import instantiate_config, register_configs
 from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
-from common.features import FeatureSpec, apply_transforms
+from common.features import apply_transforms
 from common.kmeans import compute_stats
-from common.site_policy import SitePolicy, policy_summary
-from server.app import FederationPlan, RunResult, SecAggDpSettings, make_server_app
-from server.coordinator import KMeansSettings, RoundRecord
+from common.site_policy import SitePolicy, policy_summary, site_policy_from_config
+from server.app import RunResult, make_server_app
+from server.coordinator import RoundRecord
+from server.plan import plan_from_config
 from simulations.datasets import Population
-from simulations.site_sources import GatedSites, open_gate, write_sites
+from simulations.site_sources import GatedSites, write_sites
 
 register_configs()
 
@@ -73,19 +73,6 @@ def _quiet_flower(verbose: bool) -> None:
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
-def _build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that surfaces fedseg's own error instead of Hydra's wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, FedsegError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise ConfigError(str(exc).splitlines()[0]) from exc
-
-
 def build_sites(
     cfg: DictConfig, *, default_num_sites: int | None = None
 ) -> tuple[Population, list[NDArray[np.intp]]]:
@@ -107,7 +94,7 @@ def build_sites(
     seed = int(cfg.seed)
     if seed < 0:
         raise ConfigError(f"seed={seed} should be >= 0.")
-    population: Population = _build(cfg.data).load(seed=seed)
+    population: Population = instantiate_config(cfg.data).load(seed=seed)
     if cfg.federation.num_sites is not None:
         num_sites = int(cfg.federation.num_sites)
     elif default_num_sites is not None:
@@ -124,7 +111,7 @@ def build_sites(
         raise ConfigError(
             f"model.k={k} is more than the {population.raw.shape[0]} customers in the data."
         )
-    partition = _build(cfg.partition)
+    partition = instantiate_config(cfg.partition)
     try:
         parts: list[NDArray[np.intp]] = partition.split(population, num_sites=num_sites,
                                                         seed=seed)
@@ -133,68 +120,8 @@ def build_sites(
     return population, parts
 
 
-def plan_from_config(
-    cfg: DictConfig, *, features: tuple[FeatureSpec, ...], num_sites: int
-) -> FederationPlan:
-    """Build the server's public plan from a composed config (shared with ``flwr run``).
-
-    With ``privacy=secagg_dp`` the noise is calibrated here, before anything starts, from the
-    data source's declared bounds (``data.clip`` or the synthetic generator's ranges).
-    """
-    settings: KMeansSettings = _build(
-        cfg.strategy, k=int(cfg.model.k), min_segment_size=int(cfg.model.min_segment_size),
-        seed=int(cfg.seed),
-    )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    secagg = _build(cfg.privacy)
-    dp = None
-    if isinstance(secagg, SecAggDpSettings):
-        source = _build(cfg.data)
-        dp = secagg.dp_plan(features, source.declared_bounds(), num_sites=num_sites)
-    return FederationPlan(settings=settings, features=features, num_sites=num_sites,
-                          secagg=secagg, config={str(k): v for k, v in resolved.items()}, dp=dp)
-
-
 WEAK_FEDERATION_SITES = 3
 """Below this many sites, each site can read the others' aggregates from the published model."""
-
-
-def site_policy_from_config(node: Any, *, secagg: bool | None,
-                            dp: tuple[float, float] | None = None) -> SitePolicy:
-    """Build the sites' :class:`SitePolicy` from a ``site`` config node.
-
-    Parameters
-    ----------
-    node : DictConfig or mapping
-        The ``site`` group.
-    secagg : bool or None
-        The simulation's ``privacy`` choice, used when ``site.mechanism`` is null (in a local
-        simulation one operator configures both sides). ``None``: a site on its own, which
-        requires SecAgg+ unless its configuration says otherwise.
-    dp : (epsilon, delta) or None
-        The run's DP target (``privacy=secagg_dp``) or None (no DP), used when
-        ``site.require_dp`` / ``site.dp_epsilon`` / ``site.dp_delta`` are null. Only meaningful
-        with ``secagg`` not None.
-    """
-    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
-        else node
-    values = {str(k): v for k, v in dict(container).items()}  # type: ignore[arg-type]
-    if values.get("mechanism") is None:
-        values["mechanism"] = "none" if secagg is False else "secagg+"
-    standalone = secagg is None
-    if values.get("require_dp") is None:
-        values["require_dp"] = True if standalone else dp is not None
-    for key, index in (("dp_epsilon", 0), ("dp_delta", 1)):
-        if values.get(key) is None:
-            if dp is not None:
-                values[key] = dp[index]
-            else:
-                values.pop(key, None)
-    try:
-        return SitePolicy.from_mapping(values, source="site policy (site.*)")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def check_federation(policy: SitePolicy, sizes: list[int]) -> list[str]:
@@ -294,7 +221,7 @@ def run(
     num_sites = len(parts)
     sizes = [len(p) for p in parts]
     _say(population.description)
-    partition_name = type(_build(cfg.partition)).__name__
+    partition_name = type(instantiate_config(cfg.partition)).__name__
     _say(f"{num_sites} sites, {min(sizes)}..{max(sizes)} customers each ({partition_name})")
 
     plan = plan_from_config(cfg, features=population.features, num_sites=num_sites)

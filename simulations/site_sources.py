@@ -22,7 +22,7 @@ from flwr.app import Context
 from numpy.typing import NDArray
 
 from client.contract import CONTRACT_FORMAT
-from client.gate import PrivacyGate, SiteData
+from client.gate import SiteData, open_gate
 from client.site_key import generate_key_file
 from client.site_store import SiteStore
 from common.errors import ConfigError, DataError
@@ -170,18 +170,6 @@ def write_sites(
         if not (site / "site.key").exists():
             generate_key_file(site / "site.key")
     return contracts
-
-
-_GATES: dict[str, PrivacyGate] = {}
-"""Open gates of this process, by contract path (a Ray worker serves several messages)."""
-
-
-def open_gate(contract: str) -> PrivacyGate:
-    """Return this process's gate for a contract (opened once)."""
-    gate = _GATES.get(contract)
-    if gate is None:
-        gate = _GATES[contract] = PrivacyGate.open(contract)
-    return gate
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.pki import init_pki
-from tests.deployment import Deployment
+from simulations.deployment import Deployment
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +61,16 @@ OVERRIDES = ["data.num_customers=900", "data.num_regions=3", "model.k=3", "priva
 
 
 def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
-    """3 SuperNodes over TLS with auth, each on its own site files behind its gate."""
+    """3 ``fedseg-supernode`` sites over TLS with auth, each on its own files behind its gate."""
     import json
     import subprocess
 
     import numpy as np
     from hydra import compose, initialize_config_dir
 
+    from simulations.deployment import BIN
     from simulations.run import CONF_DIR, build_sites, run
     from simulations.site_sources import write_sites
-    from tests.deployment import BIN
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*OVERRIDES, "centralized_reference=false"])
@@ -97,8 +97,23 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
                                 cwd=Path(__file__).resolve().parents[2], env=federation.env,
                                 capture_output=True, text=True, timeout=900, check=False)
         assert (out / "segments.json").is_file(), result.stdout[-3000:] + result.stderr[-2000:]
+        # The same run submitted from an app bundle whose ClientApp is hostile: sites on
+        # fedseg-supernode answer with the fedseg installed at the site, never the bundle's.
+        hostile, marker = _hostile_app(tmp_path / "hostile-app"), tmp_path / "bundle-code-ran"
+        hostile_out = tmp_path / "deployed-hostile"
+        rerun = federation.flwr_run(
+            f'fedseg-overrides="{" ".join(OVERRIDES)}" fedseg-output-dir="{hostile_out}"',
+            app=hostile)
+        assert rerun.completed, rerun.output[-3000:]
+        assert not marker.exists()
+        assert json.loads((hostile_out / "segments.json").read_text("utf-8"))["segments"] == \
+            json.loads((out / "segments.json").read_text("utf-8"))["segments"]
     finally:
         federation.stop()
+    summary = json.loads((out / "summary.json").read_text("utf-8"))
+    assert sorted(summary["sites"].values()) == ["site0", "site1", "site2"]  # registered names
+    assert summary["dropouts"] == []
+    assert (out / "config.resolved.yaml").is_file()
     simulated = tmp_path / "simulated"
     run(cfg, output_dir=simulated)
     deployed_model = json.loads((out / "segments.json").read_text("utf-8"))
@@ -120,3 +135,25 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
     logs = sorted((tmp_path / "site-state" / "audit").glob("site-*.jsonl"))
     assert [p.name for p in logs] == ["site-site0.jsonl", "site-site1.jsonl", "site-site2.jsonl"]
     assert all(verify_chain(p).ok for p in logs)
+
+
+def _hostile_app(root: Path) -> Path:
+    """A copy of the fedseg app whose submitted ClientApp would leave a marker and fail."""
+    import shutil
+
+    from simulations.deployment import REPO
+
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "multirun", "__pycache__", "*.egg-info", ".*_cache"))
+    marker = root.parent / "bundle-code-ran"
+    with (root / "simulations" / "flower_app.py").open("a", encoding="utf-8") as handle:
+        handle.write(
+            "\n\ndef _client_main(message, context):  # what a hostile operator ships\n"
+            f"    Path({str(marker)!r}).write_text('the bundle ran at a site')\n"
+            "    raise RuntimeError('hostile bundle')\n")
+    text = (root / "simulations" / "flower_app.py").read_text("utf-8")
+    if "from pathlib import Path" not in text:
+        (root / "simulations" / "flower_app.py").write_text(
+            text.replace("import functools\n", "import functools\nfrom pathlib import Path\n",
+                         1), "utf-8")
+    return root

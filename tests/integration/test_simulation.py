@@ -186,6 +186,25 @@ def test_secagg_round_with_a_dropped_site_decodes_the_survivors_sum(make_cfg, tm
     np.testing.assert_allclose(model["scaling"]["mean"], expected_mean, rtol=1e-9)
 
 
+def test_a_site_lost_while_sharing_keys_leaves_the_survivors_summed_exactly(make_cfg,
+                                                                           tmp_path):
+    """Flower 1.42 lists such a site as dead at unmask; it holds no shares, so it is left out."""
+    from simulations.faults import make_dropout_mod
+
+    cfg = make_cfg("data.num_customers=2000", "data.num_regions=4", "model.k=3",
+                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=3",
+                   "strategy.accept_partial_rounds=true", "site.tolerate_dropouts=true",
+                   "privacy=secagg")
+    dropped = 2
+    summary = run(cfg, output_dir=tmp_path, client_mods=(
+        make_dropout_mod(site=dropped, server_round=1, stage="share_keys"),))
+    metrics = _metrics(tmp_path)
+    assert metrics[0]["num_sites"] == 3 and all(m["num_sites"] == 4 for m in metrics[1:])
+    model = json.loads((tmp_path / "segments.json").read_text())
+    sizes = summary["site_sizes"]
+    assert model["scaling"]["count"] == sum(sizes) - sizes[dropped]
+
+
 def test_a_dropout_stops_the_run_by_default_with_a_clear_error(make_cfg, tmp_path):
     from common.errors import ProtocolError
     from simulations.faults import make_dropout_mod

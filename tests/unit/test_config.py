@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 
 from common.config import register_configs
 from common.errors import ConfigError
-from server.app import SecAggSettings
+from server.app import SECAGG_STAGES
 from server.coordinator import KMeansSettings
 from simulations.datasets import (
     ByGroupPartition,
@@ -196,9 +197,11 @@ def test_dirichlet_partition_carries_its_parameters(compose):
 
 
 def test_privacy_secagg_instantiates(compose):
-    privacy = instantiate(compose("privacy=secagg", "privacy.timeout=30").privacy)
+    privacy = instantiate(compose("privacy=secagg", "privacy.timeout=30",
+                                  "privacy.stage_timeouts.unmask=5").privacy)
 
-    assert privacy == SecAggSettings(num_shares=None, reconstruction_threshold=None, timeout=30.0)
+    assert (privacy.num_shares, privacy.reconstruction_threshold) == (None, None)
+    assert [privacy.stage_timeout(s) for s in SECAGG_STAGES] == [300.0, 30.0, 30.0, 5.0]
     assert privacy.resolve(5) == (5, 5)
     assert privacy.resolve(5, tolerate_dropouts=True) == (5, 4)
 
@@ -253,3 +256,20 @@ def test_kmeans_settings_validate_without_hydra():
         KMeansSettings(init="foo")
     with pytest.raises(ConfigError, match=r"model\.k=1"):
         KMeansSettings(k=1)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("privacy.timeout=0", "privacy.timeout=0"),
+    ("privacy.stage_timeouts.share_keys=-2", "privacy.stage_timeouts.share_keys=-2"),
+])
+def test_a_stage_timeout_must_be_positive(compose, override, key):
+    privacy = instantiate(compose("privacy=secagg", override).privacy)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        privacy.check_timeouts()
+
+
+def test_an_unknown_stage_timeout_is_refused_when_composing():
+    from common.config import compose_config
+
+    with pytest.raises(ConfigError, match=r"stage_timeouts\.shares"):
+        compose_config("privacy.stage_timeouts.shares=3")

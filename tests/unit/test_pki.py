@@ -68,7 +68,9 @@ def test_certificate_names_chain_and_permissions(tmp_path: Path) -> None:
     server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(v.value) for v in names] == ["superlink.example", "10.0.0.5"]
+    # the SuperLink's own processes reach it at 127.0.0.1: always named
+    assert [str(v.value) for v in names] == ["superlink.example", "10.0.0.5", "localhost",
+                                             "127.0.0.1"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     for key in (paths.ca_key, paths.server_key):
         assert key.stat().st_mode & 0o077 == 0

@@ -1,0 +1,176 @@
+"""A Flower ``Grid`` that collects replies as soon as they land, and names the sites.
+
+Flower 1.42's deployment grid (``flwr.superlink.grid.http_grid.HttpGrid``) waits a fixed 3 s
+between two looks for replies, so every SecAgg+ stage costs up to 3 s of idle time on the
+server side alone (docs/FLOWER-1.42-DEPLOYMENT-FACTS.md, section 5). :class:`FastPollGrid`
+wraps any grid and re-implements only ``send_and_receive`` on the grid's own
+``push_messages`` / ``pull_messages``, looking every ``poll_interval`` seconds; each look is
+one small request to the SuperLink on the operator's own host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common.errors import ConfigError
+
+DEFAULT_POLL_INTERVAL = 0.1
+"""Seconds between two looks for replies (Flower 1.42's own: 3 s)."""
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A site that left a round: it did not answer a stage in time, or answered with an error.
+
+    Attributes
+    ----------
+    round : int
+    stage : str
+        The SecAgg+ stage (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``)
+        or ``fit`` (plain rounds).
+    node_id : int
+    site : str
+        The site's registered name (:func:`site_names`).
+    reason : str
+        ``no reply within N s``, Flower's ``node unavailable``, or the site's sanitised error.
+    """
+
+    round: int
+    stage: str
+    node_id: int
+    site: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the dropout as JSON-ready values."""
+        return asdict(self)
+
+
+class FastPollGrid(Grid):
+    """Delegate to ``grid``; wait for replies with a short poll; note who did not answer.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The grid Flower hands the ServerApp.
+    poll_interval : float, default=DEFAULT_POLL_INTERVAL
+        Seconds between two looks for replies, in (0, 10].
+    """
+
+    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if not 0 < poll_interval <= 10:
+            raise ConfigError(f"federation.poll_interval={poll_interval} should be in (0, 10] "
+                              "seconds.")
+        self.inner = grid
+        self.poll_interval = poll_interval
+        self.names: dict[int, str] = {}
+        self.round, self.stage = 0, "fit"
+        self.stage_timeout: float | None = None
+        self.dropouts: list[Dropout] = []
+        self._round_start = 0
+
+    def begin_round(self, server_round: int, stage: str) -> None:
+        """Label the exchanges that follow (the SecAgg+ workflow relabels each stage)."""
+        self.round, self.stage, self._round_start = server_round, stage, len(self.dropouts)
+
+    def round_dropouts(self) -> list[Dropout]:
+        """Return the sites lost since :meth:`begin_round`, each once (its first stage)."""
+        seen: set[int] = set()
+        lost = []
+        for drop in self.dropouts[self._round_start:]:
+            if drop.node_id not in seen:
+                seen.add(drop.node_id)
+                lost.append(drop)
+        return lost
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything not defined here (Flower-internal helpers) is the wrapped grid's.
+        return getattr(self.inner, name)
+
+    def set_run(self, run: Any) -> None:  # noqa: D102 - as Grid
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102 - as Grid
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - as Grid
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - as Grid
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:  # noqa: D102 - as Grid
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``; return the replies once all arrived or ``timeout`` s passed.
+
+        A destination that went offline is answered by the SuperLink with an error reply
+        (``NODE_UNAVAILABLE``), so ``timeout=None`` still ends once Flower notices the loss.
+        """
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        del messages
+        pending = set(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            for reply in self.inner.pull_messages(pending):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        for reply in replies:
+            if reply.has_error():
+                self._lost(destination.get(reply.metadata.reply_to_message_id,
+                                           reply.metadata.src_node_id),
+                           _error_text(reply.error.reason or ""))
+        for mid in sorted(pending):
+            self._lost(destination[mid], f"no reply within {timeout:g} s"
+                       if timeout is not None else "no reply")
+        return replies
+
+    def _lost(self, node_id: int, reason: str) -> None:
+        self.dropouts.append(Dropout(round=self.round, stage=self.stage, node_id=int(node_id),
+                                     site=self.names.get(int(node_id), f"node {node_id}"),
+                                     reason=reason))
+
+
+def site_names(grid: Grid) -> dict[int, str]:
+    """Return ``node_id -> name`` of the connected SuperNodes.
+
+    The name is the one the operator gave ``flwr supernode register --name`` (bound to the
+    site's authentication key, so a site cannot choose another's); a node without one, and
+    every node of a simulation, is named ``node <id>``.
+    """
+    names: dict[int, str] = {}
+    for node in grid.get_nodes():
+        name = str(getattr(node, "name", "") or "")
+        names[int(node.node_id)] = name or f"node {node.node_id}"
+    return names
+
+
+def _error_text(reason: str) -> str:
+    """Return a short reason for an error reply (Flower's node-unavailable, or the site's code)."""
+    from server.strategy import describe_failure
+
+    if "Node Unavailable" in reason or "heartbeat" in reason:
+        return "offline (Flower: no heartbeat)"
+    return describe_failure(reason)
