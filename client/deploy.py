@@ -36,6 +36,7 @@ from client.gate import open_gate
 from client.site_files import SITE_NAME_NODE
 from client.site_store import SiteStore
 from common.config import compose_config
+from common.dp import epsilon_spent
 from common.errors import ConfigError
 from common.site_policy import site_policy_from_config
 
@@ -91,7 +92,8 @@ def prepare(node_config: dict[str, Any]) -> str:
 
     ``fedseg-supernode`` calls this at start, so a broken contract, key, store or source stops
     the service with the project's error (which file, row, column) instead of failing every
-    round, and the first round does not pay for the first read. Returns a one-line summary.
+    round, and the first round pays neither for the first read nor for loading the DP
+    accountant. Returns a one-line summary.
     """
     context = Context(run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(),
                       run_config={})
@@ -100,6 +102,7 @@ def prepare(node_config: dict[str, Any]) -> str:
                           f"with --node-config '{SITE_CONTRACT_NODE}=\"/path/contract.yaml\"' "
                           "(docs/SITE-GUIDE.md).")
     gated = open_gate(str(node_config[SITE_CONTRACT_NODE])).load()
+    epsilon_spent([1.0], 1e-6)  # loads the DP accountant the first DP round would wait for
     return (f"site '{context.node_config[SITE_NAME_NODE]}': {gated.site.raw.shape[0]} "
             "customers with consent pass the privacy gate")
 

@@ -38,6 +38,14 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class ContractDataConfig:
+    """A deployment's feature schema from the sites' data contract (``data=contract``)."""
+
+    _target_: str = "simulations.datasets.ContractSchema"
+    path: str = MISSING
+
+
+@dataclass
 class CsvDataConfig:
     """Any customer-level CSV (``data=csv``; ``data=wholesale`` is a preset)."""
 
@@ -209,6 +217,7 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="csv_schema", node=CsvDataConfig)
+    cs.store(group="data", name="contract_schema", node=ContractDataConfig)
     cs.store(group="partition", name="by_region_schema", node=ByRegionPartitionConfig)
     cs.store(group="partition", name="dirichlet_schema", node=DirichletPartitionConfig)
     cs.store(group="partition", name="iid_schema", node=IidPartitionConfig)

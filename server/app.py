@@ -528,6 +528,10 @@ def run_federated_kmeans(
                 if lost:
                     raise ProtocolError(f"{exc} Dropped out: {describe_dropouts(lost)}.") \
                         from exc
+                gone = sorted(names[n] for n in set(names) - set(grid.get_node_ids()))
+                if gone:
+                    raise ProtocolError(f"{exc} No longer connected: "
+                                        f"{', '.join(repr(g) for g in gone)}.") from exc
                 raise
             lost = grid.round_dropouts()
             for drop in lost:

@@ -24,70 +24,17 @@ DEFAULT_POLL_INTERVAL = 0.1
 """Seconds between two looks for replies (Flower 1.42's own: 3 s)."""
 
 
-@dataclass(frozen=True)
-class Dropout:
-    """A site that left a round: it did not answer a stage in time, or answered with an error.
-
-    Attributes
-    ----------
-    round : int
-    stage : str
-        The SecAgg+ stage (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``)
-        or ``fit`` (plain rounds).
-    node_id : int
-    site : str
-        The site's registered name (:func:`site_names`).
-    reason : str
-        ``no reply within N s``, Flower's ``node unavailable``, or the site's sanitised error.
-    """
-
-    round: int
-    stage: str
-    node_id: int
-    site: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the dropout as JSON-ready values."""
-        return asdict(self)
-
-
-class FastPollGrid(Grid):
-    """Delegate to ``grid``; wait for replies with a short poll; note who did not answer.
+class DelegatingGrid(Grid):
+    """A ``Grid`` that hands every call to the grid it wraps (subclasses change one or two).
 
     Parameters
     ----------
     grid : flwr.serverapp.Grid
-        The grid Flower hands the ServerApp.
-    poll_interval : float, default=DEFAULT_POLL_INTERVAL
-        Seconds between two looks for replies, in (0, 10].
+        The grid Flower hands the ServerApp (or another wrapper).
     """
 
-    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
-        if not 0 < poll_interval <= 10:
-            raise ConfigError(f"federation.poll_interval={poll_interval} should be in (0, 10] "
-                              "seconds.")
+    def __init__(self, grid: Grid) -> None:
         self.inner = grid
-        self.poll_interval = poll_interval
-        self.names: dict[int, str] = {}
-        self.round, self.stage = 0, "fit"
-        self.stage_timeout: float | None = None
-        self.dropouts: list[Dropout] = []
-        self._round_start = 0
-
-    def begin_round(self, server_round: int, stage: str) -> None:
-        """Label the exchanges that follow (the SecAgg+ workflow relabels each stage)."""
-        self.round, self.stage, self._round_start = server_round, stage, len(self.dropouts)
-
-    def round_dropouts(self) -> list[Dropout]:
-        """Return the sites lost since :meth:`begin_round`, each once (its first stage)."""
-        seen: set[int] = set()
-        lost = []
-        for drop in self.dropouts[self._round_start:]:
-            if drop.node_id not in seen:
-                seen.add(drop.node_id)
-                lost.append(drop)
-        return lost
 
     def __getattr__(self, name: str) -> Any:
         # Anything not defined here (Flower-internal helpers) is the wrapped grid's.
@@ -118,6 +65,78 @@ class FastPollGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Send and wait through the wrapped grid."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A site that left a round: it did not answer a stage in time, or answered with an error.
+
+    Attributes
+    ----------
+    round : int
+    stage : str
+        The SecAgg+ stage (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``)
+        or ``fit`` (plain rounds).
+    node_id : int
+    site : str
+        The site's registered name (:func:`site_names`).
+    reason : str
+        ``no reply within N s``, Flower's ``node unavailable``, or the site's sanitised error.
+    """
+
+    round: int
+    stage: str
+    node_id: int
+    site: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the dropout as JSON-ready values."""
+        return asdict(self)
+
+
+class FastPollGrid(DelegatingGrid):
+    """Delegate to ``grid``; wait for replies with a short poll; note who did not answer.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The grid Flower hands the ServerApp.
+    poll_interval : float, default=DEFAULT_POLL_INTERVAL
+        Seconds between two looks for replies, in (0, 10].
+    """
+
+    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if not 0 < poll_interval <= 10:
+            raise ConfigError(f"federation.poll_interval={poll_interval} should be in (0, 10] "
+                              "seconds.")
+        super().__init__(grid)
+        self.poll_interval = poll_interval
+        self.names: dict[int, str] = {}
+        self.round, self.stage = 0, "fit"
+        self.stage_timeout: float | None = None
+        self.dropouts: list[Dropout] = []
+        self._round_start = 0
+
+    def begin_round(self, server_round: int, stage: str) -> None:
+        """Label the exchanges that follow (the SecAgg+ workflow relabels each stage)."""
+        self.round, self.stage, self._round_start = server_round, stage, len(self.dropouts)
+
+    def round_dropouts(self) -> list[Dropout]:
+        """Return the sites lost since :meth:`begin_round`, each once (its first stage)."""
+        seen: set[int] = set()
+        lost = []
+        for drop in self.dropouts[self._round_start:]:
+            if drop.node_id not in seen:
+                seen.add(drop.node_id)
+                lost.append(drop)
+        return lost
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Push ``messages``; return the replies once all arrived or ``timeout`` s passed.
 
         A destination that went offline is answered by the SuperLink with an error reply
@@ -139,15 +158,16 @@ class FastPollGrid(Grid):
             time.sleep(self.poll_interval)
         for reply in replies:
             if reply.has_error():
-                self._lost(destination.get(reply.metadata.reply_to_message_id,
+                self.record_lost(destination.get(reply.metadata.reply_to_message_id,
                                            reply.metadata.src_node_id),
                            _error_text(reply.error.reason or ""))
         for mid in sorted(pending):
-            self._lost(destination[mid], f"no reply within {timeout:g} s"
+            self.record_lost(destination[mid], f"no reply within {timeout:g} s"
                        if timeout is not None else "no reply")
         return replies
 
-    def _lost(self, node_id: int, reason: str) -> None:
+    def record_lost(self, node_id: int, reason: str) -> None:
+        """Note that ``node_id`` left the current stage of the round, and why."""
         self.dropouts.append(Dropout(round=self.round, stage=self.stage, node_id=int(node_id),
                                      site=self.names.get(int(node_id), f"node {node_id}"),
                                      reason=reason))

@@ -39,6 +39,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from common.errors import ProtocolError
+from server.grid import DelegatingGrid, FastPollGrid
 from server.strategy import FederatedKMeans, reject_reply
 
 WEIGHT_FACTOR_SHAPE = (1,)
@@ -133,6 +134,8 @@ class ScreeningSecAggPlusWorkflow(SecAggPlusWorkflow):
             except ProtocolError as exc:
                 state.failures.append(
                     reject_reply(server_round, reply.metadata.src_node_id, str(exc)))
+                if isinstance(grid, FastPollGrid):  # named among the round's dropouts
+                    grid.record_lost(reply.metadata.src_node_id, f"reply rejected: {exc}")
                 return False
             return True
 
@@ -140,7 +143,7 @@ class ScreeningSecAggPlusWorkflow(SecAggPlusWorkflow):
             ScreenedGrid(grid, admit=admit), context, state))
 
 
-class ScreenedGrid(Grid):
+class ScreenedGrid(DelegatingGrid):
     """Delegate to ``grid``, returning from ``send_and_receive`` only the replies ``admit`` keeps.
 
     Parameters
@@ -151,34 +154,8 @@ class ScreenedGrid(Grid):
     """
 
     def __init__(self, grid: Grid, *, admit: Any) -> None:
-        self.inner = grid
+        super().__init__(grid)
         self.admit = admit
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything not defined here (Flower-internal helpers) is the wrapped grid's.
-        return getattr(self.inner, name)
-
-    def set_run(self, run: Any) -> None:  # noqa: D102 - as Grid
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:  # noqa: D102 - as Grid
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - as Grid
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - as Grid
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:  # noqa: D102 - as Grid
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

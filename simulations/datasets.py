@@ -16,11 +16,14 @@ from hydra.utils import to_absolute_path
 from numpy.typing import NDArray
 
 from client.app import SiteData
+from client.contract import DataContract, load_contract
 from client.csv_source import read_customer_csv
 from common.errors import ConfigError, DataError
 from common.features import TRANSFORMS, FeatureSpec
 from simulations.partition import partition_by_group, partition_dirichlet, partition_iid
 from simulations.synthetic import FEATURE_INFO, FEATURES, SEGMENTS, generate_customers
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -254,3 +257,39 @@ class PartitionedSites:
         if not 0 <= pid < len(self.parts):
             raise DataError(f"no partition {pid}: the simulation has {len(self.parts)} sites.")
         return SiteData(raw=self.parts[pid], features=self.features)
+
+
+@dataclass(frozen=True)
+class ContractSchema:
+    """The federation's public feature schema, read from a data contract (``data=contract``).
+
+    A deployment's server holds no data: it only needs the features every site computes, in
+    order, with their labels and declared bounds (for DP). Reading them from the contract the
+    sites agreed on (its ``features`` section; its source and site settings are not used here)
+    gives exactly the features each site's privacy gate produces, categorical and boolean
+    features included. A relative ``path`` is looked up from the working directory, then from
+    the project directory (so ``conf/contracts/...`` works inside the submitted app bundle).
+    """
+
+    path: str
+
+    def contract(self) -> DataContract:
+        """Load and validate the contract (project errors name the file and key)."""
+        path = Path(self.path)
+        if not path.is_absolute() and not path.exists():
+            path = PROJECT_DIR / path
+        return load_contract(path)
+
+    def feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """Return the public features, as every site's gate produces them."""
+        return self.contract().feature_specs()
+
+    def declared_bounds(self) -> dict[str, tuple[float, float]]:
+        """Return the contract's declared bounds (``clip``; [0, 1] for categorical / boolean)."""
+        return self.contract().declared_bounds()
+
+    def load(self, seed: int = 0) -> Population:
+        """Refuse: this schema has no records (a simulation needs synthetic or csv data)."""
+        raise ConfigError(
+            "data=contract describes a deployment's features for its server and holds no "
+            "records; a local simulation needs data=synthetic or data=csv.")

@@ -108,6 +108,16 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
         assert not marker.exists()
         assert json.loads((hostile_out / "segments.json").read_text("utf-8"))["segments"] == \
             json.loads((out / "segments.json").read_text("utf-8"))["segments"]
+        # The default privacy (SecAgg+ with site-held DP): fresh noise every run, so the model
+        # is not compared bit for bit; it completes with DP recorded and plausible sizes.
+        dp_out = tmp_path / "deployed-dp"
+        dp_run = federation.flwr_run(
+            f'fedseg-overrides="{" ".join(o for o in OVERRIDES if "privacy" not in o)}" '
+            f'fedseg-output-dir="{dp_out}"')
+        assert dp_run.completed, dp_run.output[-3000:]
+        dp_model = json.loads((dp_out / "segments.json").read_text("utf-8"))
+        assert dp_model["privacy"]["differential_privacy"]["epsilon_target"] == 1.0
+        assert abs(sum(s["size"] for s in dp_model["segments"]) - 813) < 813 * 0.2
     finally:
         federation.stop()
     summary = json.loads((out / "summary.json").read_text("utf-8"))

@@ -9,6 +9,7 @@ by its PID at the end.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,8 +107,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 
 def test_a_site_killed_mid_run_stops_it_named_and_nothing_is_published(federation):
     result, out = federation.run(kill=[3])
+    failure = "\n".join(line for line in result.output.splitlines() if "run failed" in line)
     assert result.status == "finished:failed", result.output[-3000:]
-    assert "site 'site3'" in result.output, result.output[-3000:]
+    assert "site 'site3'" in failure, result.output[-3000:]
     assert "Nothing is published" in result.output
     assert not (out / "segments.json").exists()
     # the site comes back: the next run takes all four sites
@@ -134,8 +136,11 @@ def test_with_partial_rounds_the_run_completes_with_three_and_records_the_dropou
 
 def test_three_of_four_killed_is_a_clear_failure(federation):
     result, out = federation.run("strategy.accept_partial_rounds=true", kill=[0, 1, 2])
+    failure = "\n".join(line for line in result.output.splitlines() if "run failed" in line)
     assert result.status == "finished:failed", result.output[-3000:]
-    assert "Nothing is published" in result.output, result.output[-3000:]
-    for name in ("site0", "site1", "site2"):
-        assert f"site '{name}'" in result.output
+    assert "Nothing is published" in failure, result.output[-3000:]
+    # The round halts as soon as too few sites remain: the sites it names are killed ones (a
+    # site killed a moment later may still have answered that stage).
+    named = set(re.findall(r"site '(site\d)'", failure))
+    assert named and named <= {"site0", "site1", "site2"}, failure
     assert not (out / "segments.json").exists()

@@ -249,3 +249,31 @@ def test_prepare_reads_the_site_once_and_names_it(tmp_path):
     assert summary == "site 'north': 3 customers with consent pass the privacy gate"
     with pytest.raises(ConfigError, match="fedseg-contract"):
         deploy.prepare({})
+
+
+def test_a_contract_schema_gives_the_server_exactly_the_features_each_site_computes(tmp_path):
+    from client.gate import PrivacyGate
+    from common.config import compose_config, instantiate_config
+    from server.plan import plan_from_config
+    from tests.gate_sites import make_site
+
+    contract = make_site(tmp_path / "north")  # numeric, categorical and boolean features
+    cfg = compose_config(f"data=contract data.path={contract} privacy=secagg")
+    schema = instantiate_config(cfg.data)
+    plan = plan_from_config(cfg, features=schema.feature_specs(), num_sites=3)
+    site = PrivacyGate.open(contract).load().site
+    announced = plan.run_plan(prg="chacha20-sha256/1").features
+    assert announced == tuple(f.name for f in site.features)
+    assert "channel=web" in announced and "member" in announced
+    with pytest.raises(ConfigError, match="data=contract"):
+        schema.load(seed=0)
+
+
+def test_the_example_contract_declares_every_bound_dp_needs():
+    from common.config import compose_config, instantiate_config
+    from server.plan import plan_from_config
+
+    cfg = compose_config("data=contract data.path=conf/contracts/customers.yaml")
+    schema = instantiate_config(cfg.data)
+    plan = plan_from_config(cfg, features=schema.feature_specs(), num_sites=5)
+    assert plan.dp is not None and len(plan.dp.bounds) == len(schema.feature_specs())
