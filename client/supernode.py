@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -42,8 +44,8 @@ FLOWER_IDLE_POLL = 3.0
 """The idle poll hard-coded in Flower 1.42's SuperNode loop."""
 DEFAULT_IDLE_POLL = 1.0
 HEARTBEAT_EVERY = 10.0
-"""Seconds between two task heartbeats while the worker computes (Flower expires a task after
-30 s without one)."""
+"""Seconds between two task heartbeats while the worker computes (Flower expires a claimed
+task after 30 s without one)."""
 
 log = logging.getLogger("fedseg.supernode")
 
@@ -134,7 +136,6 @@ class SiteWorker:
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
         )
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec"
@@ -144,7 +145,7 @@ class SiteWorker:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+            interceptors=interceptors, retry_invoker=site_retry_invoker())
 
     def run(self) -> None:
         """Serve tasks until :attr:`stop` is set."""
@@ -154,21 +155,31 @@ class SiteWorker:
         client = self._client()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         try:
-            while not self.stop.is_set():
-                try:
-                    response = client.AcquireTask(request)
-                except Exception as exc:  # the Runtime API not up yet, or restarting
-                    log.debug("waiting for the SuperNode's Runtime API: %s", exc)
-                    self.stop.wait(0.5)
-                    continue
-                if response.HasField("task") and response.token:
-                    self.serve(response.token)
-                    self.clock.reply_ready.set()
-                    continue  # another task may be waiting: look again at once
-                self.clock.task_ready.wait(self.idle_poll)
-                self.clock.task_ready.clear()
+            self._serve_forever(client, request)
+        except BaseException as exc:  # a stalled SuperNode is worse than a restart
+            if not self.stop.is_set():
+                log.error("the site worker stopped (%s); stopping the SuperNode so that its "
+                          "service manager restarts it", type(exc).__name__)
+                print(f"fedseg-supernode: the site worker stopped ({type(exc).__name__}: "
+                      f"{exc}); exiting", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
         finally:
             client.close()
+
+    def _serve_forever(self, client: Any, request: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                response = client.AcquireTask(request)
+            except Exception as exc:  # the Runtime API not up yet, or restarting
+                log.debug("waiting for the SuperNode's Runtime API: %s", exc)
+                self.stop.wait(0.5)
+                continue
+            if response.HasField("task") and response.token:
+                self.serve(response.token)
+                self.clock.reply_ready.set()
+                continue  # another task may be waiting: look again at once
+            self.clock.task_ready.wait(self.idle_poll)
+            self.clock.task_ready.clear()
 
     def serve(self, token: str) -> None:
         """Answer one task: pull its message and context, run the app, push the reply."""
@@ -190,7 +201,7 @@ class SiteWorker:
 
         beats = threading.Thread(target=heartbeat, name="fedseg-task-heartbeat", daemon=True)
         beats.start()
-        context = None
+        context, message, pushed = None, None, False
         status, details = SubStatus.FAILED, "the site's ClientApp did not answer"
         try:
             message, context = pull_task_input(client, backoff=0.02)
@@ -203,14 +214,57 @@ class SiteWorker:
                                       reason="the site's ClientApp failed; see its site log"),
                                 reply_to=message)
             push_message(client, reply, context)
+            pushed = True
             self.tasks += 1
         except Exception as exc:
-            log.error("task failed between the SuperNode and the site worker: %s", exc)
+            log.error("task failed between the SuperNode and the site worker: %s",
+                      type(exc).__name__)
+            status, details = SubStatus.FAILED, f"site worker: {type(exc).__name__}"
         finally:
             done.set()
+            beats.join()
+        if message is not None and context is not None and not pushed:
+            # The SuperNode waits for a reply to every message it handed out: send an error
+            # one, or it would never pull another message.
+            try:
+                push_message(client, Message(Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    reason="the site could not answer this message"), reply_to=message),
+                    context)
+                pushed = True
+            except Exception as exc:
+                log.error("could not send an error reply either: %s", type(exc).__name__)
+        try:
             push_task_output(client=client, context=context, sub_status=status,
                              details=details)
+        finally:
             client.close()
+        if message is not None and not pushed:
+            raise WorkerStalled("a message was handed out and no reply could be sent")
+
+
+class WorkerStalled(RuntimeError):
+    """The SuperNode holds a message the worker could not answer: restart the process."""
+
+
+def site_retry_invoker() -> Any:
+    """Retry the local Runtime API's transient failures briefly; never signal the process.
+
+    Flower's ``make_simple_http_retry_invoker`` sends SIGINT to its own process on an HTTP
+    401 -- right for a one-shot ``flwr-clientapp``, fatal here, where the process is the
+    SuperNode. A refused request (4xx) is raised to the worker, which ends that task.
+    """
+    import httpx
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+
+    def give_up(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in (502, 503, 504)
+        return False
+
+    return RetryInvoker(wait_gen_factory=lambda: exponential(base_delay=0.05, max_delay=1),
+                        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+                        max_tries=8, max_time=10.0, should_giveup=give_up)
 
 
 def pull_task_input(client: Any, *, backoff: float) -> tuple[Any, Any]:
@@ -238,6 +292,11 @@ def pull_task_input(client: Any, *, backoff: float) -> tuple[Any, Any]:
     TaskIdentity.node_id = res.context.node_id
     context = context_from_proto(res.context)
     pulled = client.PullMessages(PullAppMessagesRequest())
+    for _ in range(100):  # the SuperNode creates the task a moment before storing its message
+        if pulled.messages_list:
+            break
+        time.sleep(0.02)
+        pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode handed out a task without a message")
     node = Node(node_id=context.node_id)
@@ -301,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fedseg-supernode: {name}={value} should be in (0, 3600] seconds.",
                   file=sys.stderr)
             return 2
+    unsupported = [a for a in flower_args if a.split("=", 1)[0] in (
+        "--superexec-auth-secret-file", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile")]
+    if unsupported:
+        print(f"fedseg-supernode: {unsupported[0].split('=', 1)[0]} is not supported: the site "
+              "worker runs in this process and reaches the SuperNode's Runtime API on "
+              "loopback without TLS or a SuperExec secret.", file=sys.stderr)
+        return 2
     isolation = _flower_option(flower_args, "--isolation", "process")
     if isolation != "process":
         print("fedseg-supernode: the site's ClientApp runs in this process (--isolation "

@@ -46,7 +46,7 @@ from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator, expected_noise_summary
 from server.grid import Dropout, FastPollGrid, site_names
 from server.secagg_checks import ScreeningSecAggPlusWorkflow
-from server.strategy import FederatedKMeans, describe_failure
+from server.strategy import FIRST_ROUND_WAIT, FederatedKMeans, describe_failure
 
 SECAGG_MODULES = (
     importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
@@ -350,6 +350,7 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self.stage_timeouts = dict(stage_timeouts)
         self.planned_sites = planned_sites
         self.parameters_for = parameters_for
+        self._sized = False
         self._state: Any = None
 
     def _fit_to_connected(self, context: LegacyContext) -> None:
@@ -362,7 +363,14 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         """
         if self.parameters_for is None:
             return
-        connected = min(self.planned_sites, context.client_manager.num_available())
+        wait = 0.0 if self._sized else FIRST_ROUND_WAIT  # the first round waits for sites
+        self._sized = True
+        deadline = time.monotonic() + wait
+        connected = context.client_manager.num_available()
+        while connected < self.planned_sites and time.monotonic() < deadline:
+            time.sleep(0.1)
+            connected = context.client_manager.num_available()
+        connected = min(self.planned_sites, connected)
         if connected < 2:
             return
         try:
@@ -385,7 +393,7 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._enter("setup", grid)
         self._fit_to_connected(context)
         ok = bool(super().setup_stage(grid, context, state))
-        state.sampled_node_ids = set(state.active_node_ids)
+        _forget(state, set(state.sampled_node_ids) - set(state.active_node_ids))
         return ok
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
@@ -400,7 +408,7 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._enter("share_keys", grid)
         before = set(state.active_node_ids)
         ok = bool(super().share_keys_stage(grid, context, state))
-        state.sampled_node_ids = set(state.sampled_node_ids) - (before - state.active_node_ids)
+        _forget(state, before - set(state.active_node_ids))
         return ok
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
@@ -418,6 +426,23 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         """Distinct site error texts of the last round (sanitised by the sites)."""
         failures = [] if self._state is None else list(self._state.failures)
         return sorted({describe_failure(f) for f in failures})
+
+
+def _forget(state: Any, lost: set[int]) -> None:
+    """Take sites that never handed out key shares out of a SecAgg+ round's state.
+
+    No site masked with them (Flower's client masks only with the neighbours whose shares it
+    received), so they are neither *dead* at unmask (no one could answer for them) nor part of
+    any dead site's pairwise masks the server rebuilds (their public keys may not even exist).
+    Whether enough sites remain is unchanged: they were not active.
+    """
+    if not lost:
+        return
+    state.sampled_node_ids = set(state.sampled_node_ids) - lost
+    for node in lost:
+        state.nid_to_neighbours.pop(node, None)
+    for neighbours in state.nid_to_neighbours.values():
+        neighbours -= lost
 
 
 def flower_secagg_args(shares: int, threshold: int) -> tuple[float, float]:

@@ -205,6 +205,25 @@ def test_a_site_lost_while_sharing_keys_leaves_the_survivors_summed_exactly(make
     assert model["scaling"]["count"] == sum(sizes) - sizes[dropped]
 
 
+def test_sites_lost_before_and_after_sharing_keys_in_one_round_leave_an_exact_sum(make_cfg,
+                                                                                 tmp_path):
+    """One site lost while sharing keys, one after: only the second one's masks are rebuilt."""
+    from simulations.faults import make_dropout_mod
+
+    cfg = make_cfg("data.num_customers=2800", "data.num_regions=7", "model.k=3",
+                   "strategy.n_init=1", "strategy.init_rounds=1", "seed=4",
+                   "strategy.accept_partial_rounds=true", "site.tolerate_dropouts=true",
+                   "privacy=secagg")  # 7 sites: threshold 5, two dropouts tolerated
+    summary = run(cfg, output_dir=tmp_path, client_mods=(
+        make_dropout_mod(site=1, server_round=1, stage="share_keys"),
+        make_dropout_mod(site=4, server_round=1, stage="collect_masked_vectors")))
+    metrics = _metrics(tmp_path)
+    assert metrics[0]["num_sites"] == 5 and all(m["num_sites"] == 7 for m in metrics[1:])
+    model = json.loads((tmp_path / "segments.json").read_text())
+    sizes = summary["site_sizes"]
+    assert model["scaling"]["count"] == sum(sizes) - sizes[1] - sizes[4]
+
+
 def test_a_dropout_stops_the_run_by_default_with_a_clear_error(make_cfg, tmp_path):
     from common.errors import ProtocolError
     from simulations.faults import make_dropout_mod

@@ -277,3 +277,25 @@ def test_the_example_contract_declares_every_bound_dp_needs():
     schema = instantiate_config(cfg.data)
     plan = plan_from_config(cfg, features=schema.feature_specs(), num_sites=5)
     assert plan.dp is not None and len(plan.dp.bounds) == len(schema.feature_specs())
+
+
+def test_a_refused_runtime_request_is_raised_not_turned_into_a_sigint():
+    """Flower's invoker SIGINTs its own process on 401; here that process is the SuperNode."""
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1/acquire")
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise httpx.HTTPStatusError("401", request=request,
+                                    response=httpx.Response(401, request=request))
+
+    with pytest.raises(httpx.HTTPStatusError):
+        supernode.site_retry_invoker().invoke(refused)
+    assert calls == [1]  # no retry, and this test process is still running
+
+
+def test_the_unsupported_runtime_options_are_refused(capsys):
+    assert supernode.main(["--superexec-auth-secret-file", "/x"]) == 2
+    assert "--superexec-auth-secret-file is not supported" in capsys.readouterr().err
