@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,34 @@ class Deployment:
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
         self._start(f"supernode-{site}", [*argv, *(extra or [])])
+
+    @staticmethod
+    def node_config(contract: Path | str, site: str, state_dir: Path | str,
+                    site_overrides: str = "") -> str:
+        """Return a site's ``--node-config``: its contract, name, directory and own policy."""
+        return (f'fedseg-contract="{contract}" fedseg-site-name="{site}" '
+                f'fedseg-site-dir="{state_dir}" fedseg-site-overrides="{site_overrides}"')
+
+    def start_sites(self, contracts: Sequence[Path], *, state_dir: Path, site_overrides: str = "",
+                    program: str = "fedseg-supernode", extra: list[str] | None = None,
+                    ) -> list[str]:
+        """Register ``site0``, ``site1``, ... and start their SuperNodes; wait until connected.
+
+        Each site reads its own contract; raises ``RuntimeError`` with the log of a site that
+        could not register or connect.
+        """
+        names = [f"site{i}" for i in range(len(contracts))]
+        for name, contract in zip(names, contracts, strict=True):
+            self.site_key(name)
+            registered = self.register(name)
+            if registered.returncode != 0:
+                raise RuntimeError(registered.stdout + registered.stderr)
+            self.start_supernode(name, program=program, extra=extra, node_config=self.node_config(
+                contract, name, state_dir, site_overrides))
+        for name in names:
+            if not self.wait_for(f"supernode-{name}", "SuperNode ID:", timeout=120):
+                raise RuntimeError(self.log(f"supernode-{name}")[-3000:])
+        return names
 
     def kill(self, name: str) -> None:
         """SIGKILL a process (and its process group) this deployment started."""

@@ -67,19 +67,8 @@ def run_pair(root: Path, *, program: str, privacy: str, sites: int, customers: i
     federation = Deployment(root / "deploy")
     try:
         federation.start_superlink()
-        for i, contract in enumerate(contracts):
-            name = f"site{i}"
-            federation.site_key(name)
-            registered = federation.register(name)
-            if registered.returncode != 0:
-                raise RuntimeError(registered.stdout + registered.stderr)
-            federation.start_supernode(name, program=program, extra=extra, node_config=(
-                f'fedseg-contract="{contract}" fedseg-site-name="{name}" '
-                f'fedseg-site-dir="{root / "site-state"}" '
-                f'fedseg-site-overrides="{site_overrides}"'))
-        for i in range(len(contracts)):
-            if not federation.wait_for(f"supernode-site{i}", "SuperNode ID:", timeout=120):
-                raise RuntimeError(federation.log(f"supernode-site{i}")[-3000:])
+        federation.start_sites(contracts, state_dir=root / "site-state",
+                               site_overrides=site_overrides, program=program, extra=extra)
         started = time.perf_counter()
         result = federation.flwr_run(
             f'fedseg-overrides="{data} {server_overrides}" '

@@ -49,28 +49,18 @@ def test_a_plain_reply_with_a_negative_count_stops_the_round_naming_the_node(mak
     assert not (tmp_path / "segments.json").exists()
 
 
-def test_with_partial_rounds_a_malformed_plain_reply_is_left_out_of_the_sum(make_cfg,
-                                                                           tmp_path):
-    cfg = make_cfg(*TOLERANT, "privacy=none")
+@pytest.mark.parametrize(("privacy", "fault"), [("none", "wrong_shape"),
+                                               ("secagg", "missing_array")])
+def test_with_partial_rounds_a_malformed_reply_is_left_out_of_the_sum(make_cfg, tmp_path,
+                                                                      privacy, fault):
+    """Plain: the reply is dropped. SecAgg+: the bad vector is never added, and its pairwise
+    masks are rebuilt from its neighbours' key shares as for a site that dropped out."""
+    cfg = make_cfg(*TOLERANT, f"privacy={privacy}")
     run(cfg, output_dir=tmp_path, client_mods=(
-        make_bad_reply_mod(site=1, server_round=1, fault="wrong_shape"),))
+        make_bad_reply_mod(site=1, server_round=1, fault=fault),))
     metrics = _metrics(tmp_path)
     assert [m["num_sites"] for m in metrics[:2]] == [3, 4]
     model = json.loads((tmp_path / "segments.json").read_text())
-    assert model["scaling"]["count"] == _customers_without(1, num_customers=3000,
-                                                          num_regions=4, seed=3)
-
-
-def test_a_malformed_masked_vector_is_left_out_and_the_others_decode_exactly(make_cfg,
-                                                                             tmp_path):
-    cfg = make_cfg(*TOLERANT, "privacy=secagg")
-    run(cfg, output_dir=tmp_path, client_mods=(
-        make_bad_reply_mod(site=1, server_round=1, fault="missing_array"),))
-    metrics = _metrics(tmp_path)
-    assert [m["num_sites"] for m in metrics[:2]] == [3, 4]
-    model = json.loads((tmp_path / "segments.json").read_text())
-    # The survivors' exact sum: the bad vector was never added, its pairwise masks were
-    # rebuilt from its neighbours' key shares as for a site that dropped out.
     assert model["scaling"]["count"] == _customers_without(1, num_customers=3000,
                                                           num_regions=4, seed=3)
 

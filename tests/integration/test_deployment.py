@@ -80,16 +80,8 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
     federation = Deployment(tmp_path / "deploy")
     try:
         federation.start_superlink()
-        for i, contract in enumerate(contracts):
-            site = f"site{i}"
-            federation.site_key(site)
-            assert federation.register(site).returncode == 0
-            federation.start_supernode(site, node_config=(
-                f'fedseg-contract="{contract}" fedseg-site-name="{site}" '
-                f'fedseg-site-dir="{tmp_path / "site-state"}" '
-                'fedseg-site-overrides="site.require_dp=false"'))
-        for i in range(len(contracts)):
-            assert federation.wait_for(f"supernode-site{i}", "SuperNode ID:", timeout=60)
+        federation.start_sites(contracts, state_dir=tmp_path / "site-state",
+                               site_overrides="site.require_dp=false")
         out = tmp_path / "deployed"
         run_config = f'fedseg-overrides="{" ".join(OVERRIDES)}" fedseg-output-dir="{out}"'
         result = subprocess.run([str(BIN / "flwr"), "run", ".", "local", "--stream",

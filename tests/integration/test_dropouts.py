@@ -43,12 +43,8 @@ class Federation:
         self.root = root
         self.deployment = Deployment(root / "deploy")
         self.deployment.start_superlink()
-        for i in range(SITES):
-            self.deployment.site_key(self.name(i))
-            registered = self.deployment.register(self.name(i))
-            assert registered.returncode == 0, registered.stdout + registered.stderr
-            self.start(i)
-        self.wait_online(range(SITES))
+        self.deployment.start_sites(self.contracts, state_dir=root / "site-state",
+                                    site_overrides=SITE_POLICY)
         self.runs = 0
 
     @staticmethod
@@ -56,12 +52,8 @@ class Federation:
         return f"site{i}"
 
     def node_config(self, i: int) -> str:
-        return (f'fedseg-contract="{self.contracts[i]}" fedseg-site-name="{self.name(i)}" '
-                f'fedseg-site-dir="{self.root / "site-state"}" '
-                f'fedseg-site-overrides="{SITE_POLICY}"')
-
-    def start(self, i: int) -> None:
-        self.deployment.start_supernode(self.name(i), node_config=self.node_config(i))
+        return self.deployment.node_config(self.contracts[i], self.name(i),
+                                           self.root / "site-state", SITE_POLICY)
 
     def wait_online(self, sites: range | list[int]) -> None:
         for i in sites:
