@@ -364,23 +364,23 @@ class InProcessGrid(Grid):
             for i, nid in enumerate(apps)}
 
     def set_run(self, run):  # pragma: no cover - not used by the workflow
-        raise NotImplementedError
+        raise AssertionError("the code under test must not call this grid method")
 
     @property
     def run(self):  # pragma: no cover
-        raise NotImplementedError
+        raise AssertionError("the code under test must not call this grid method")
 
     def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
+        raise AssertionError("the code under test must not call this grid method")
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.apps)
 
     def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+        raise AssertionError("the code under test must not call this grid method")
 
     def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+        raise AssertionError("the code under test must not call this grid method")
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
