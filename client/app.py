@@ -30,16 +30,18 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from numpy.typing import NDArray
 
-from client.audit import PRIVACY_RECORD, make_boundary_mod
+from client.audit import COMPUTE_RECORD, PRIVACY_RECORD, make_boundary_mod
 from client.audit_chain import HeadStore
 from client.gate import SiteData
 from client.secagg_guard import make_secagg_guard_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
 from common import mask_prg
+from common.autoencoder import AESettings, TabularLayout, embed, local_train, standardise
+from common.autoencoder import n_params as ae_param_count
 from common.dp import NoiseSource, epsilon_spent, noisy_round
 from common.errors import ConfigError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec
-from common.kmeans import compute_stats
+from common.kmeans import assign, compute_stats
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, Phase, parse_phase, reply_shapes
 from common.scaling import GlobalScaler, compute_moments
 from common.secure_sum import (
@@ -62,6 +64,7 @@ mask_prg.install(*SECAGG_MODULES)
 
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""
+
 
 
 
@@ -122,6 +125,83 @@ def site_statistics(
     if got != expected:  # a programming error: never send a non-public shape
         raise ProtocolError(f"reply shapes {got} differ from the public layout {expected}.")
     return [np.asarray(a, dtype=np.float64) for a in reply]
+
+
+def ae_site_statistics(
+    site: SiteData,
+    phase: Phase,
+    instruction: Sequence[NDArray[np.float64]],
+    *,
+    settings: AESettings,
+    n_params: int,
+    groups: int = 1,
+    train_round: int = 0,
+) -> tuple[list[NDArray[np.float64]], dict[str, float]]:
+    """Compute a site's reply in a ``model=ae_kmeans`` phase (unencoded), shapes checked.
+
+    Parameters
+    ----------
+    site : SiteData
+    phase : Phase
+        Any phase but ``moments`` (the same as :func:`site_statistics`).
+    instruction : sequence of ndarray
+        ``[mean, std, weights]`` (ae_train, embed) or ``[mean, std, weights, embedding mean,
+        embedding std, centres]`` (init, lloyd, profile): already admitted by the session.
+    settings : AESettings
+        From the run plan, with the site's own ``device``.
+    n_params : int
+        Length of the weight vector announced in the plan.
+    groups : int, default=1
+        Independent centre sets (parallel Lloyd runs).
+    train_round : int, default=0
+        Index of this ``ae_train`` request in the run: seeds the mini-batch order.
+
+    Returns
+    -------
+    reply : list of ndarray
+        float64 arrays in the layout of :func:`common.protocol.reply_shapes`.
+    compute : dict
+        Wall and CPU seconds of the computation (kept in the site's audit log, never sent).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    layout = TabularLayout.from_features(site.features)
+    arrays = [np.asarray(a, dtype=np.float64) for a in instruction]
+    mean, std, weights = arrays[:3]
+    x = standardise(site.transformed, layout, mean, std)
+    m, d = settings.embed_dim, len(site.features)
+    if phase is Phase.AE_TRAIN:
+        trained = local_train(weights, x, layout=layout, settings=settings,
+                              rng=np.random.default_rng([settings.seed, train_round]))
+        n = float(trained.n_records)
+        reply = [n * trained.params, np.array([n]), np.array([trained.loss_sum])]
+        n_centres = 0
+    else:
+        z = embed(weights, x, layout=layout, settings=settings)
+        if phase is Phase.EMBED:
+            reply = compute_moments(z)
+            n_centres = 0
+        else:
+            emb_mean, emb_std, centres = arrays[3:]
+            scaled_z = GlobalScaler(mean=emb_mean, std=emb_std, count=0.0).transform(z)
+            n_centres = centres.shape[0]
+            if groups < 1 or n_centres % groups:
+                raise ProtocolError(f"{n_centres} centres cannot form {groups} equal groups.")
+            if phase is Phase.PROFILE:
+                labels, d2 = assign(scaled_z, centres)
+                scaled = GlobalScaler(mean=mean, std=std, count=0.0).transform(site.transformed)
+                reply = ProfileStats.compute_labelled(site.raw, scaled, labels, d2,
+                                                      n_segments=n_centres).to_arrays()
+            else:
+                blocks = [compute_stats(scaled_z, block).to_arrays()
+                          for block in np.split(centres, groups)]
+                reply = [np.concatenate(parts) for parts in zip(*blocks, strict=True)]
+    expected = reply_shapes(phase, n_centres=n_centres, n_features=m, n_params=n_params,
+                            n_profile=d)
+    got = [a.shape for a in reply]
+    if got != expected:  # a programming error: never send a non-public shape
+        raise ProtocolError(f"reply shapes {got} differ from the public layout {expected}.")
+    compute = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+    return [np.asarray(a, dtype=np.float64) for a in reply], compute
 
 
 def codec_from_secagg_state(context: Context) -> SecAggPlusSumCodec:
@@ -262,6 +342,16 @@ class SiteClient(NumPyClient):
             raise SiteRefusal("protocol", str(exc)) from exc
         plan.check_against(self.policy, features=tuple(f.name for f in self.site.features),
                            prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+        if plan.ae:
+            settings, announced = plan.ae_settings()
+            try:
+                own = ae_param_count(TabularLayout.from_features(self.site.features), settings)
+            except ConfigError as exc:
+                raise SiteRefusal("policy", f"this site's features cannot feed the "
+                                  f"autoencoder: {exc}") from exc
+            if own != announced:
+                raise SiteRefusal("protocol", f"the plan announces {announced} autoencoder "
+                                  f"parameters; this site's features give {own}.")
         customers = self.site.raw.shape[0]
         if customers < self.policy.min_customers:
             raise SiteRefusal("policy", f"this site holds {customers} consenting customers; its "
@@ -361,6 +451,18 @@ class SiteClient(NumPyClient):
             return encoded, 1, {}
         if phase is Phase.MOMENTS:
             check_site_range(self.site)
+        if plan.ae and phase is not Phase.MOMENTS:
+            settings, n_params = plan.ae_settings(device=self.policy.device)
+            reply, compute = ae_site_statistics(
+                self.site, phase, [np.asarray(a) for a in parameters], settings=settings,
+                n_params=n_params, groups=groups,
+                train_round=self._done_before.get(Phase.AE_TRAIN.value, 0))
+            self.context.state.config_records[COMPUTE_RECORD] = ConfigRecord(
+                {"seconds": compute["seconds"], "cpu_seconds": compute["cpu_seconds"]})
+            check_encodable(reply, (), what=f"{phase.value} statistics")
+            if codec is not None:
+                reply = codec.encode(reply)
+            return reply, 1, {}
         reply = site_statistics(self.site, phase, parameters, groups=groups)
         # Moments are 1-D per feature: shown as one row so a refusal names the feature.
         check_encodable([a[None, :] if phase is Phase.MOMENTS and a.shape == (d,) else a

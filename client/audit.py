@@ -102,6 +102,16 @@ def secagg_parameters(context: Context) -> dict[str, Any] | None:
     return {k: record[k] for k in SECAGG_PUBLIC_PARAMETERS if k in record}
 
 
+COMPUTE_RECORD = "fedseg.compute"
+"""Key of the last computation's wall / CPU seconds in the node's context state (site-local)."""
+
+
+def take_compute_state(context: Context) -> dict[str, Any] | None:
+    """Return and clear the compute time of the reply just computed (audit only, never sent)."""
+    record = context.state.config_records.pop(COMPUTE_RECORD, None)
+    return None if record is None else {str(k): v for k, v in record.items()}
+
+
 def privacy_state(context: Context) -> dict[str, Any] | None:
     """Return the site's DP spend so far (epsilon, delta, budget, last multiplier), if any."""
     record = context.state.config_records.get(PRIVACY_RECORD)
@@ -157,6 +167,7 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str,
             "mechanism": mechanism if message.metadata.message_type == "train" else "none",
             "error_code": code,
             "privacy": privacy_state(context),
+            "compute": take_compute_state(context),
             "secagg": secagg_parameters(context),
             **describe_message(reply),
         }

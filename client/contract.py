@@ -281,12 +281,14 @@ class DataContract(_Strict):
                 for value in f.vocabulary:
                     specs.append(FeatureSpec(
                         name=f"{f.name}={value}", unit="share", label=f"{label}: {value}",
+                        kind="category", group=f.name,
                         high_label=f"mostly {value}" if not f.high else f"{f.high} {value}",
                         low_label=f"rarely {value}" if not f.low else f"{f.low} {value}"))
             else:
                 specs.append(FeatureSpec(
                     name=f.name, unit="share" if f.type == "boolean" else f.unit,
                     transform=f.transform, label=label,
+                    kind="boolean" if f.type == "boolean" else "numeric",
                     high_label=f.high or (label if f.type == "boolean" else ""),
                     low_label=f.low or (f"not {label}" if f.type == "boolean" else "")))
         return tuple(specs)

@@ -38,6 +38,15 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class MixedDataConfig:
+    """Built-in synthetic mixed-type customers (``data=mixed``): categorical, boolean, curved."""
+
+    _target_: str = "simulations.datasets.MixedCustomers"
+    num_customers: int = 30_000
+    num_regions: int = 6
+
+
+@dataclass
 class ContractDataConfig:
     """A deployment's feature schema from the sites' data contract (``data=contract``)."""
 
@@ -88,6 +97,31 @@ class ModelConfig:
 
     k: int = 6
     min_segment_size: int = 10
+
+
+@dataclass
+class AutoencoderConfig:
+    """The federated autoencoder of ``model=ae_kmeans`` (``common.autoencoder.AESettings``).
+
+    Where a site trains (CPU or GPU) is the site's choice: ``site.device``.
+    """
+
+    _target_: str = "common.autoencoder.AESettings"
+    rounds: int = 20
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    embed_dim: int = 4
+    category_dim: int = 3
+    local_epochs: int = 2
+    batch_size: int = 256
+    lr: float = 3e-3
+    prox_mu: float = 0.0
+
+
+@dataclass
+class AEModelConfig(ModelConfig):
+    """Segments found by k-means in a federated autoencoder's embedding (``model=ae_kmeans``)."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 
 @dataclass
@@ -201,7 +235,7 @@ class RunConfig:
 
     data: Any = MISSING
     partition: Any = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: Any = MISSING
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -217,11 +251,13 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="csv_schema", node=CsvDataConfig)
+    cs.store(group="data", name="mixed_schema", node=MixedDataConfig)
     cs.store(group="data", name="contract_schema", node=ContractDataConfig)
     cs.store(group="partition", name="by_region_schema", node=ByRegionPartitionConfig)
     cs.store(group="partition", name="dirichlet_schema", node=DirichletPartitionConfig)
     cs.store(group="partition", name="iid_schema", node=IidPartitionConfig)
     cs.store(group="model", name="kmeans_schema", node=ModelConfig)
+    cs.store(group="model", name="ae_kmeans_schema", node=AEModelConfig)
     cs.store(group="strategy", name="kmeans_schema", node=StrategyConfig)
     cs.store(group="privacy", name="secagg_schema", node=SecAggPrivacyConfig)
     cs.store(group="privacy", name="none_schema", node=NoPrivacyConfig)

@@ -10,6 +10,8 @@ from numpy.typing import NDArray
 from common.errors import ConfigError
 
 TRANSFORMS = ("none", "log1p")
+KINDS = ("numeric", "boolean", "category")
+"""What a column holds: a number, a 0/1 flag, or one 0/1 column of a one-hot categorical."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class FeatureSpec:
         Words used in segment names when a segment is well above / below average.
     label : str
         What a reader calls the feature (e.g. ``"Annual spend"``); defaults to the name.
+    kind : str
+        ``"numeric"`` (default), ``"boolean"`` (0/1) or ``"category"``: one 0/1 column of a
+        categorical feature one-hot encoded over its declared vocabulary.
+    group : str
+        For ``kind="category"``: the categorical feature this column belongs to (its columns
+        are consecutive, one per vocabulary value, exactly one of them 1 per record).
     """
 
     name: str
@@ -36,8 +44,18 @@ class FeatureSpec:
     high_label: str = ""
     low_label: str = ""
     label: str = ""
+    kind: str = "numeric"
+    group: str = ""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"feature {self.name!r}: kind={self.kind!r} should be one of "
+                              f"{', '.join(KINDS)}.")
+        if (self.kind == "category") != bool(self.group):
+            raise ConfigError(f"feature {self.name!r}: a category column needs its group (the "
+                              "categorical feature it belongs to), and only it has one.")
+        if self.kind != "numeric" and self.transform != "none":
+            raise ConfigError(f"feature {self.name!r}: a {self.kind} column takes no transform.")
         if self.transform not in TRANSFORMS:
             raise ConfigError(
                 f"feature {self.name!r}: transform={self.transform!r} should be one of "

@@ -20,10 +20,14 @@ from common.errors import ProtocolError
 
 
 class Phase(StrEnum):
-    """Phases of one federated k-means run, in order."""
+    """Phases of one federated run, in order (``ae_train`` and ``embed``: ``model=ae_kmeans``)."""
 
     MOMENTS = "moments"
     """Per-feature count, sum and sum of squares -> global standardisation."""
+    AE_TRAIN = "ae_train"
+    """Local autoencoder training from the global weights -> customer-weighted sum of weights."""
+    EMBED = "embed"
+    """Count, sum and sum of squares of the embeddings -> standardisation of the embedding."""
     INIT = "init"
     """Over-clustering Lloyd rounds on data-independent candidates -> initial centroids."""
     LLOYD = "lloyd"
@@ -32,8 +36,13 @@ class Phase(StrEnum):
     """Per-segment statistics at the final centroids -> the segment model."""
 
 
+KMEANS_PHASES = (Phase.MOMENTS, Phase.INIT, Phase.LLOYD, Phase.PROFILE)
+"""The phases of a ``model=kmeans`` run."""
+
+
 def reply_shapes(
-    phase: Phase, *, n_centres: int, n_features: int, dp: bool = False
+    phase: Phase, *, n_centres: int, n_features: int, dp: bool = False, n_params: int = 0,
+    n_profile: int = 0,
 ) -> list[tuple[int, ...]]:
     """Public shapes of a site's (unencoded) reply in ``phase``.
 
@@ -47,16 +56,24 @@ def reply_shapes(
     dp : bool, default=False
         Differentially private layout (:mod:`common.dp`): cluster rounds release only clipped
         offset sums and counts ``[(k, d), (k,)]``, the profile ``[(k,), (k, d)]``.
+    n_params : int, default=0
+        ``ae_train``: length of the autoencoder's flat parameter vector.
+    n_profile : int, default=0
+        ``model=ae_kmeans``: the clusters live in the embedding (``n_features`` = its size),
+        the profile sums the ``n_profile`` original features; 0 means ``n_features``.
     """
     k, d = n_centres, n_features
-    if phase is Phase.MOMENTS:
+    if phase is Phase.AE_TRAIN:
+        return [(n_params,), (1,), (1,)]  # sum of customers * weights, customers, loss sum
+    if phase in (Phase.MOMENTS, Phase.EMBED):
         return [(1,), (d,), (d,)]
     if dp:
         return [(k,), (k, d)] if phase is Phase.PROFILE else [(k, d), (k,)]
     if phase in (Phase.INIT, Phase.LLOYD):
         return [(k, d), (k, d), (k,), (k,)]
     if phase is Phase.PROFILE:
-        return [(k,), (k, d), (k,), (k, d), (k, d)]
+        p = n_profile or d
+        return [(k,), (k, p), (k,), (k, p), (k, p)]
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -82,6 +99,10 @@ def reply_roles(phase: Phase, *, dp: bool = False) -> tuple[Role, ...]:
         :mod:`common.dp` have any sign; only the counts keep their role.
     """
     c, n, s = Role.COUNT, Role.NONNEGATIVE, Role.SIGNED
+    if phase is Phase.AE_TRAIN:
+        return (s, c, n)  # customers * weights, customers, reconstruction loss sum
+    if phase is Phase.EMBED:
+        return (c, s, n)
     if dp:
         if phase is Phase.MOMENTS:
             return (c, s, s)
@@ -144,6 +165,22 @@ def instruction_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list
     if phase is Phase.MOMENTS:
         return []
     return [(n_features,), (n_features,), (n_centres, n_features)]
+
+
+def ae_instruction_shapes(
+    phase: Phase, *, n_centres: int, n_features: int, n_params: int, embed_dim: int
+) -> list[tuple[int, ...]]:
+    """Public shapes of a ``model=ae_kmeans`` instruction.
+
+    ``[]`` (moments); ``[mean, std, weights]`` (ae_train, embed); afterwards
+    ``[mean, std, weights, embedding mean, embedding std, centres in the embedding]``.
+    """
+    d, m = n_features, embed_dim
+    if phase is Phase.MOMENTS:
+        return []
+    if phase in (Phase.AE_TRAIN, Phase.EMBED):
+        return [(d,), (d,), (n_params,)]
+    return [(d,), (d,), (n_params,), (m,), (m,), (n_centres, m)]
 
 
 PHASE_KEY = "fedseg.phase"

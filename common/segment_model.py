@@ -22,9 +22,13 @@ from common.errors import DataError, ProtocolError
 from common.features import FeatureSpec, apply_transforms, invert_transforms
 from common.kmeans import assign
 from common.scaling import GlobalScaler
+from common.segment_encoder import SegmentEncoder
 
 SCHEMA_NAME = "fedseg.segment-model"
 SCHEMA_VERSION = 1
+ENCODER_SCHEMA_VERSION = 2
+"""A model that assigns through an encoder (``model=ae_kmeans``): a reader that only knows
+version 1 would assign by the profile centroids instead, so it must refuse the file."""
 
 NAME_THRESHOLD = 0.5
 """A feature enters a segment's name when its mean is this many global stds from average."""
@@ -103,9 +107,36 @@ class ProfileStats:
         centroids : ndarray of shape (n_segments, n_features)
         """
         labels, d2 = assign(scaled, centroids)
-        k, d = centroids.shape
+        return cls.compute_labelled(raw, scaled, labels, d2, n_segments=centroids.shape[0])
+
+    @classmethod
+    def compute_labelled(
+        cls,
+        raw: NDArray[np.float64],
+        scaled: NDArray[np.float64],
+        labels: NDArray[np.intp],
+        distances: NDArray[np.float64],
+        *,
+        n_segments: int,
+    ) -> ProfileStats:
+        """Statistics of one site's records already assigned to segments elsewhere.
+
+        ``model=ae_kmeans`` assigns in the embedding; the profile still sums the original
+        features so that segments read in their units.
+
+        Parameters
+        ----------
+        raw, scaled : ndarray of shape (n_samples, n_features)
+            Raw and globally standardised records.
+        labels : ndarray of shape (n_samples,)
+            Segment of each record.
+        distances : ndarray of shape (n_samples,)
+            Squared distance of each record to its centre (in the space it was assigned in).
+        n_segments : int
+        """
+        k, d = n_segments, raw.shape[1]
         counts = np.bincount(labels, minlength=k).astype(np.float64)
-        costs = np.bincount(labels, weights=d2, minlength=k).astype(np.float64)
+        costs = np.bincount(labels, weights=distances, minlength=k).astype(np.float64)
         sums = np.zeros((k, d))
         raw_sums = np.zeros((k, d))
         raw_sumsq = np.zeros((k, d))
@@ -242,6 +273,8 @@ class SegmentModel:
     config: dict[str, Any]
     merged: list[dict[str, Any]] = field(default_factory=list)
     created_at: str = ""
+    encoder: SegmentEncoder | None = None
+    """``model=ae_kmeans``: customers are assigned in the encoder's embedding."""
 
     @property
     def centroids_scaled(self) -> NDArray[np.float64]:
@@ -350,19 +383,22 @@ class SegmentModel:
                     "a finite number"
                 raise DataError(f"value {column[row]!r} is not {expected}.", row=row + 1,
                                 column=spec.name)
-        scaled = self.scaler.transform(apply_transforms(raw, self.features))
-        labels, _ = assign(scaled, self.centroids_scaled)
+        transformed = apply_transforms(raw, self.features)
+        if self.encoder is not None:
+            return self.encoder.assign(transformed, features=self.features, scaler=self.scaler)
+        labels, _ = assign(self.scaler.transform(transformed), self.centroids_scaled)
         return labels
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary following schema ``fedseg.segment-model`` version 1."""
+        """JSON-ready dictionary following schema ``fedseg.segment-model`` (v2 with an encoder)."""
         return {
             "schema": SCHEMA_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self.encoder is None else ENCODER_SCHEMA_VERSION,
             "created_at": self.created_at,
             "features": [
                 {"name": f.name, "unit": f.unit, "transform": f.transform,
-                 "high_label": f.high_label, "low_label": f.low_label, "label": f.label}
+                 "high_label": f.high_label, "low_label": f.low_label, "label": f.label,
+                 "kind": f.kind, "group": f.group}
                 for f in self.features
             ],
             "scaling": {
@@ -376,6 +412,7 @@ class SegmentModel:
             "privacy": self.privacy,
             "training": self.training,
             "config": self.config,
+            **({} if self.encoder is None else {"encoder": self.encoder.to_dict()}),
         }
 
     def to_json(self, path: str | Path) -> None:
@@ -390,10 +427,15 @@ class SegmentModel:
         if doc.get("schema") != SCHEMA_NAME:
             raise DataError(f"key 'schema' is {doc.get('schema')!r}; expected {SCHEMA_NAME!r}.",
                             path=source)
-        if doc.get("schema_version") != SCHEMA_VERSION:
+        version = doc.get("schema_version")
+        if version not in (SCHEMA_VERSION, ENCODER_SCHEMA_VERSION):
             raise DataError(
-                f"key 'schema_version' is {doc.get('schema_version')!r}; this fedseg reads "
-                f"version {SCHEMA_VERSION}.", path=source)
+                f"key 'schema_version' is {version!r}; this fedseg reads versions "
+                f"{SCHEMA_VERSION} and {ENCODER_SCHEMA_VERSION}.", path=source)
+        if (version == ENCODER_SCHEMA_VERSION) != ("encoder" in doc):
+            raise DataError(f"key 'schema_version' is {version!r}, which "
+                            f"{'needs' if version == ENCODER_SCHEMA_VERSION else 'has no'} key "
+                            "'encoder'.", path=source)
         try:
             features = tuple(FeatureSpec(**f) for f in doc["features"])
             d = len(features)
@@ -410,10 +452,12 @@ class SegmentModel:
             if len(s.centroid_scaled) != d:
                 raise DataError(f"segment {s.id}: 'centroid_scaled' should have {d} values.",
                                 path=source)
+        encoder = None if "encoder" not in doc else SegmentEncoder.from_dict(
+            doc["encoder"], features=features, n_segments=len(segments), source=source)
         return cls(features=features, scaler=scaler, segments=segments,
                    privacy=doc.get("privacy", {}), training=doc.get("training", {}),
                    config=doc.get("config", {}), merged=doc.get("merged_segments", []),
-                   created_at=doc.get("created_at", ""))
+                   created_at=doc.get("created_at", ""), encoder=encoder)
 
     @classmethod
     def load(cls, path: str | Path) -> SegmentModel:

@@ -34,8 +34,13 @@ from common.secagg_params import (
     threshold_for,
 )
 
-PROTOCOL_ID = "fedseg-kmeans/3"
-"""Version of the round protocol (phases, layouts incl. the DP layout, encoding with offset)."""
+PROTOCOL_ID = "fedseg/4"
+"""Version of the round protocol (phases, layouts incl. the DP and autoencoder layouts,
+encoding with offset)."""
+
+MODELS = ("kmeans", "ae_kmeans")
+"""``kmeans``: k-means on the standardised features; ``ae_kmeans``: a federated autoencoder,
+then k-means in its embedding (:mod:`common.autoencoder`)."""
 
 MECHANISMS = ("secagg+", "none")
 
@@ -83,6 +88,14 @@ class SitePolicy:
         At most this many sites' noise shares are relied on (0: no cap). A site that knows how
         many real sites its federation has sets it, so that a server announcing invented sites
         (Sybils) cannot thin its noise share.
+    max_ae_rounds, max_ae_epochs, max_ae_params, max_embed_dim : int
+        Largest autoencoder plan (``model=ae_kmeans``) the site trains: federated rounds,
+        local epochs per round, parameters, embedding size. Every round releases a
+        customer-weighted sum of trained weights (inside SecAgg+, never with DP yet), so a site
+        bounds how many such releases and how large a model a run may ask for.
+    device : str
+        Where this site trains the autoencoder: ``auto`` (a GPU when present), ``cpu``,
+        ``cuda``. The site's choice, never the server's.
     """
 
     mechanism: str = "secagg+"
@@ -102,13 +115,19 @@ class SitePolicy:
     dp_delta: float = 1e-6
     max_customers: int = 10_000_000
     dp_max_relied_sites: int = 0
+    max_ae_rounds: int = 100
+    max_ae_epochs: int = 10
+    max_ae_params: int = 200_000
+    max_embed_dim: int = 16
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"site.mechanism={self.mechanism!r} should be one of {MECHANISMS}.")
         for name in ("min_sites", "min_customers", "max_k", "max_restarts",
                      "max_init_candidates", "max_init_rounds", "max_lloyd_rounds",
-                     "max_rounds_per_day", "failure_log2", "max_customers"):
+                     "max_rounds_per_day", "failure_log2", "max_customers", "max_ae_rounds",
+                     "max_ae_epochs", "max_ae_params", "max_embed_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"site.{name}={getattr(self, name)} should be >= 1.")
         if self.min_sites < 2:
@@ -119,6 +138,8 @@ class SitePolicy:
         if self.dp_max_relied_sites < 0:
             raise ValueError(f"site.dp_max_relied_sites={self.dp_max_relied_sites} should be "
                              ">= 0 (0: no cap).")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"site.device={self.device!r} should be auto, cpu or cuda.")
         if not self.dp_epsilon > 0 or not 0 < self.dp_delta < 1:
             raise ValueError(f"site.dp_epsilon={self.dp_epsilon} should be > 0 and "
                              f"site.dp_delta={self.dp_delta} in (0, 1).")
@@ -145,8 +166,8 @@ class SitePolicy:
 
     @property
     def max_rounds_per_run(self) -> int:
-        """Moments + initialisation + Lloyd + profile rounds at most."""
-        return 2 + self.max_init_rounds + self.max_lloyd_rounds
+        """Moments + autoencoder + embedding + initialisation + Lloyd + profile rounds at most."""
+        return 3 + self.max_ae_rounds + self.max_init_rounds + self.max_lloyd_rounds
 
     def required_secagg(self, num_sites: int) -> tuple[int, int]:
         """Smallest neighbourhood and threshold this site accepts for ``num_sites`` sites."""
@@ -203,6 +224,11 @@ class RunPlan:
     dp : str
         The differential-privacy plan (:class:`common.dp.DpPlan`, canonical JSON), or ``""``
         for a run with exact sums.
+    model : str
+        ``kmeans`` or ``ae_kmeans`` (:data:`MODELS`).
+    ae : str
+        ``model=ae_kmeans``: the autoencoder plan (:meth:`common.autoencoder.AESettings.plan_json`)
+        with ``n_params`` -- the clusters then live in its ``embed_dim``-dimensional embedding.
     """
 
     features: tuple[str, ...]
@@ -216,6 +242,8 @@ class RunPlan:
     protocol: str = PROTOCOL_ID
     prg: str = ""
     dp: str = ""
+    model: str = "kmeans"
+    ae: str = ""
 
     def to_json(self) -> str:
         """Canonical JSON (what travels in the instruction's config)."""
@@ -230,8 +258,8 @@ class RunPlan:
             if not isinstance(raw, dict) or set(raw) != known:
                 raise ValueError("unexpected keys")
             plan = cls(**{**raw, "features": tuple(str(f) for f in raw["features"])})
-            if not isinstance(plan.dp, str):
-                raise ValueError("dp should be a string")
+            if not isinstance(plan.dp, str) or not isinstance(plan.ae, str):
+                raise ValueError("dp and ae should be strings")
             for name in ("k", "n_init", "init_candidates", "init_rounds", "max_rounds",
                          "num_sites"):
                 value = getattr(plan, name)
@@ -255,6 +283,14 @@ class RunPlan:
                               f"site's data configuration declares {list(features)}.")
         if self.init not in ("summary", "random"):
             raise SiteRefusal("protocol", f"unknown initialisation {self.init!r}.")
+        if self.model not in MODELS:
+            raise SiteRefusal("protocol", f"unknown model {self.model!r}; this site trains "
+                              f"{list(MODELS)}.")
+        if (self.model == "ae_kmeans") != bool(self.ae):
+            raise SiteRefusal("protocol", "an autoencoder plan comes with model=ae_kmeans, and "
+                              "only with it.")
+        if self.ae:
+            self._check_ae(policy)
         limits = [
             ("k", self.k, policy.max_k), ("n_init", self.n_init, policy.max_restarts),
             ("init_candidates", self.init_candidates, policy.max_init_candidates),
@@ -296,6 +332,43 @@ class RunPlan:
                               f"{sorted(dp.sigma)} do not match the run plan {expected} with "
                               "one centre set per round.")
 
+    def ae_settings(self, *, device: str = "auto") -> Any:
+        """Parse the autoencoder plan: ``(AESettings, n_params)`` (refusing a malformed one)."""
+        from common.autoencoder import ARCHITECTURE_ID, AESettings
+
+        try:
+            raw = json.loads(self.ae)
+            if not isinstance(raw, dict) or raw.get("architecture") != ARCHITECTURE_ID:
+                got = raw.get("architecture") if isinstance(raw, dict) else raw
+                raise ValueError(f"architecture {got!r}; this site builds {ARCHITECTURE_ID!r}")
+            n_params = raw.get("n_params")
+            if not isinstance(n_params, int) or isinstance(n_params, bool) or n_params < 1:
+                raise ValueError(f"n_params={n_params!r}")
+            settings = AESettings.from_plan_json(json.dumps(raw["settings"]), device=device)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SiteRefusal("protocol", f"malformed autoencoder plan ({exc}).") from exc
+        return settings, n_params
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension the clusters live in: the embedding (``ae_kmeans``) or 0 (features)."""
+        return int(self.ae_settings()[0].embed_dim) if self.ae else 0
+
+    def _check_ae(self, policy: SitePolicy) -> None:
+        """Refuse an autoencoder plan outside the site's limits (the size is checked on use)."""
+        settings, n_params = self.ae_settings()
+        if self.dp:
+            raise SiteRefusal("policy", "the autoencoder's training is not differentially "
+                              "private yet; this site trains it only in runs without DP.")
+        limits = [("autoencoder rounds", settings.rounds, policy.max_ae_rounds),
+                  ("local epochs", settings.local_epochs, policy.max_ae_epochs),
+                  ("autoencoder parameters", n_params, policy.max_ae_params),
+                  ("embedding size", settings.embed_dim, policy.max_embed_dim)]
+        for name, value, limit in limits:
+            if value > limit:
+                raise SiteRefusal("policy", f"plan {name}={value} exceeds this site's limit "
+                                  f"{limit}.")
+
     def dp_plan(self) -> Any:
         """Parse the :class:`common.dp.DpPlan` (refusing a malformed or unknown one)."""
         from common.dp import MECHANISM_ID, DpPlan
@@ -335,12 +408,19 @@ class SiteSession:
         Phase of the last admitted request.
     scaling : str
         Digest of the mean/std pinned at the first request that carries them.
+    encoder : str
+        ``ae_kmeans``: digest of the autoencoder weights pinned at the ``embed`` request; every
+        later request must embed with exactly these.
+    embedding_scaling : str
+        ``ae_kmeans``: digest of the embedding's mean/std pinned at the first cluster request.
     """
 
     plan: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     last: str = ""
     scaling: str = ""
+    encoder: str = ""
+    embedding_scaling: str = ""
 
     def to_json(self) -> str:
         """Serialise for the node's context."""
@@ -388,6 +468,8 @@ class SiteSession:
         if phase is Phase.MOMENTS:
             if instruction or groups != 1:
                 raise SiteRefusal("protocol", "the moments phase carries no arrays.")
+        elif plan.ae:
+            self._check_ae_arrays(plan, phase, instruction, groups=groups)
         else:
             self._check_arrays(plan, phase, instruction, groups=groups)
         self.plan = announced
@@ -402,11 +484,74 @@ class SiteSession:
         (it then answers fewer requests, never more): what bounds the server is the count of
         each phase, the order, and one profile round.
         """
-        caps = {Phase.MOMENTS: 1, Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds,
-                Phase.PROFILE: 1}
+        ae_rounds = plan.ae_settings()[0].rounds if plan.ae else 0
+        caps = {Phase.MOMENTS: 1, Phase.AE_TRAIN: ae_rounds, Phase.EMBED: 1 if plan.ae else 0,
+                Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds, Phase.PROFILE: 1}
+        if plan.ae and not done[Phase.EMBED]:
+            # The clusters live in the embedding: no cluster round before it is pinned.
+            caps.update({Phase.INIT: 0, Phase.LLOYD: 0, Phase.PROFILE: 0})
         order = list(Phase)
         reached = max((i for i, p in enumerate(order) if done[p]), default=0)
         return [p for i, p in enumerate(order) if i >= reached and done[p] < caps[p]]
+
+    def _check_ae_arrays(
+        self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
+        groups: int,
+    ) -> None:
+        """``ae_kmeans``: [mean, std, weights] (+ [embedding mean, std, centres] later)."""
+        settings, n_params = plan.ae_settings()
+        d, m = len(plan.features), settings.embed_dim
+        arrays = [np.asarray(a, dtype=np.float64) for a in instruction]
+        training = phase in (Phase.AE_TRAIN, Phase.EMBED)
+        if len(arrays) != (3 if training else 6):
+            raise SiteRefusal("protocol", f"phase {phase.value} of an autoencoder run needs "
+                              f"{3 if training else 6} arrays; got {len(arrays)}.")
+        mean, std, weights = arrays[:3]
+        if mean.shape != (d,) or std.shape != (d,) or weights.shape != (n_params,):
+            raise SiteRefusal("protocol", f"phase {phase.value}: arrays of shapes "
+                              f"{[a.shape for a in arrays[:3]]}; the plan allows "
+                              f"[({d},), ({d},), ({n_params},)].")
+        if not all(np.all(np.isfinite(a)) for a in arrays) or not np.all(std > 0):
+            raise SiteRefusal("protocol", "non-finite weights, centres or scaling, or a std <= 0.")
+        digest = _digest(mean, std)
+        if self.scaling and digest != self.scaling:
+            raise SiteRefusal("protocol", "the global scaling changed within the run; it is "
+                              "fixed by the moments round.")
+        self.scaling = digest
+        if phase is Phase.AE_TRAIN:
+            if groups != 1:
+                raise SiteRefusal("protocol", "autoencoder rounds have one group.")
+            return
+        encoder = _digest(weights)
+        if phase is Phase.EMBED:
+            if groups != 1:
+                raise SiteRefusal("protocol", "the embed phase has one group.")
+            self.encoder = encoder
+            return
+        if encoder != self.encoder:
+            raise SiteRefusal("protocol", "the autoencoder weights differ from those the "
+                              "embedding was measured with; they are fixed by the embed round.")
+        emb_mean, emb_std, centres = arrays[3:]
+        expected_centres, expected_groups = {
+            Phase.INIT: (plan.init_candidates, 1),
+            Phase.LLOYD: (plan.k * plan.n_init, plan.n_init),
+            Phase.PROFILE: (plan.k, 1),
+        }[phase]
+        if emb_mean.shape != (m,) or emb_std.shape != (m,) or \
+                centres.shape != (expected_centres, m):
+            raise SiteRefusal("protocol", f"phase {phase.value}: embedding arrays of shapes "
+                              f"{[a.shape for a in arrays[3:]]}; the plan allows "
+                              f"[({m},), ({m},), ({expected_centres}, {m})].")
+        if groups != expected_groups:
+            raise SiteRefusal("protocol", f"phase {phase.value}: {groups} centre groups; the "
+                              f"plan has {expected_groups}.")
+        if not np.all(emb_std > 0):
+            raise SiteRefusal("protocol", "an embedding std <= 0.")
+        digest = _digest(emb_mean, emb_std)
+        if self.embedding_scaling and digest != self.embedding_scaling:
+            raise SiteRefusal("protocol", "the embedding's scaling changed within the run; it "
+                              "is fixed by the first cluster round.")
+        self.embedding_scaling = digest
 
     def _check_arrays(
         self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
@@ -446,6 +591,7 @@ def policy_summary(policy: SitePolicy) -> str:
     return (f"mechanism={policy.mechanism}, {dp}, min_sites={policy.min_sites}, "
             f"min_customers={policy.min_customers}, k<={policy.max_k}, "
             f"restarts<={policy.max_restarts}, candidates<={policy.max_init_candidates}, "
+            f"autoencoder rounds<={policy.max_ae_rounds}, "
             f"rounds/run<={policy.max_rounds_per_run}, rounds/day<={policy.max_rounds_per_day}, "
             f"dropouts {'tolerated' if policy.tolerate_dropouts else 'stop the run'}")
 

@@ -27,6 +27,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
 from common import mask_prg
+from common.autoencoder import AESettings, TabularLayout
 from common.dp import DpPlan, DpSettings, epsilon_spent
 from common.errors import ConfigError, ProtocolError
 from common.features import FeatureSpec
@@ -42,6 +43,7 @@ from common.secure_sum import (
 )
 from common.segment_model import SegmentModel
 from common.site_policy import RunPlan
+from server.ae_coordinator import AEKMeansCoordinator
 from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator, expected_noise_summary
 from server.grid import Dropout, FastPollGrid, site_names
@@ -58,6 +60,17 @@ mask_prg.install(*SECAGG_MODULES)
 
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 """The four SecAgg+ stages of a round, each one message exchange with every site."""
+
+
+AE_DP_REFUSAL = (
+    "model=ae_kmeans with privacy=secagg_dp is refused: the autoencoder's training is not "
+    "differentially private yet (its weight updates would leave the sites without being "
+    "accounted in their privacy budgets). Use model=ae_kmeans privacy=secagg (exact secure "
+    "sums; the sites must allow runs without DP: site.require_dp=false), or model=kmeans "
+    "with DP.")
+
+Coordinator = KMeansCoordinator | DPKMeansCoordinator | AEKMeansCoordinator
+"""The server's state machines: exact k-means, DP k-means, autoencoder + k-means."""
 
 
 def secagg_shares(num_sites: int, *, tolerate_dropouts: bool = False) -> tuple[int, int]:
@@ -203,6 +216,9 @@ class FederationPlan:
         Resolved configuration recorded in the segment model.
     dp : DpPlan or None
         The differential-privacy plan (``privacy=secagg_dp``), calibrated before the run.
+    ae : AESettings or None
+        ``model=ae_kmeans``: the federated autoencoder whose embedding the segments are found
+        in (:mod:`server.ae_coordinator`).
     """
 
     settings: KMeansSettings
@@ -211,10 +227,15 @@ class FederationPlan:
     secagg: SecAggSettings | None
     config: dict[str, Any] = field(default_factory=dict)
     dp: DpPlan | None = None
+    ae: AESettings | None = None
 
     def __post_init__(self) -> None:
         if self.num_sites < 2:
             raise ConfigError(f"federation.num_sites={self.num_sites} should be >= 2.")
+        if self.ae is not None and self.dp is not None:
+            raise ConfigError(AE_DP_REFUSAL)
+        if self.ae is not None:
+            TabularLayout.from_features(self.features)  # categorical columns well formed
         if self.dp is not None and self.secagg is None:
             raise ConfigError("differential privacy needs SecAgg+: each site adds only its "
                               "share of the noise.")
@@ -228,7 +249,8 @@ class FederationPlan:
         """Rounds of a run at most: moments + initialisation + Lloyd + profile."""
         if self.dp is not None:
             return sum(self.dp.rounds.values())
-        return 2 + self.settings.init_rounds + self.settings.max_rounds
+        extra = 0 if self.ae is None else self.ae.rounds + 1  # training + embed rounds
+        return 2 + extra + self.settings.init_rounds + self.settings.max_rounds
 
     @property
     def init_candidates(self) -> int:
@@ -238,8 +260,11 @@ class FederationPlan:
             return self.secagg.init_candidates
         return self.settings.n_candidates if self.settings.init == "summary" else 0
 
-    def new_coordinator(self) -> KMeansCoordinator | DPKMeansCoordinator:
-        """Return the state machine for this plan (DP or exact)."""
+    def new_coordinator(self) -> Coordinator:
+        """Return the state machine for this plan (DP, exact, or autoencoder + k-means)."""
+        if self.ae is not None:
+            return AEKMeansCoordinator(settings=self.settings, features=self.features,
+                                       ae=self.ae)
         if self.dp is not None:
             return DPKMeansCoordinator(settings=self.settings, features=self.features,
                                        dp=self.dp, init_candidates=self.init_candidates)
@@ -260,13 +285,17 @@ class FederationPlan:
                 init_rounds=self.dp.rounds["init"], max_rounds=self.dp.rounds["lloyd"],
                 num_sites=self.num_sites, prg=prg, dp=self.dp.to_json())
         summary = self.settings.init == "summary"
+        ae = {} if self.ae is None else {
+            "model": "ae_kmeans",
+            "ae": AEKMeansCoordinator(settings=self.settings, features=self.features,
+                                      ae=self.ae).run_plan_ae()}
         return RunPlan(
             features=tuple(f.name for f in self.features), k=self.settings.k,
             n_init=self.settings.n_init, init=self.settings.init,
             init_candidates=self.settings.n_candidates if summary else 0,
             init_rounds=self.settings.init_rounds if summary else 0,
             max_rounds=self.settings.max_rounds, num_sites=self.num_sites,
-            prg=prg if self.secagg is not None else "",
+            prg=prg if self.secagg is not None else "", **ae,
         )
 
     @property
@@ -464,7 +493,7 @@ def describe_dropouts(dropouts: list[Dropout]) -> str:
 class RunResult:
     """What a finished run leaves behind on the server side."""
 
-    coordinator: KMeansCoordinator | DPKMeansCoordinator
+    coordinator: Coordinator
     model: SegmentModel | None = None
     seconds: float = 0.0
     sites: dict[str, str] = field(default_factory=dict)
@@ -479,7 +508,7 @@ def run_federated_kmeans(
     plan: FederationPlan,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
-    coordinator: KMeansCoordinator | DPKMeansCoordinator | None = None,
+    coordinator: Coordinator | None = None,
 ) -> RunResult:
     """Run all rounds of federated k-means on ``grid`` and build the segment model.
 
@@ -591,7 +620,7 @@ def make_server_app(
     *,
     on_result: Callable[[RunResult], None],
     on_round: Callable[[RoundRecord], None] | None = None,
-    coordinator_factory: Callable[[], KMeansCoordinator | DPKMeansCoordinator] | None = None,
+    coordinator_factory: Callable[[], Coordinator] | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs ``plan`` and passes the result to ``on_result``."""
     app = ServerApp()

@@ -46,7 +46,8 @@ def run_output_dir(configured: str, run_id: int) -> Path:
 
 
 def _print_round(record: RoundRecord) -> None:
-    cost = "" if record.cost is None else f" cost={record.cost:,.1f}"
+    cost = "" if record.cost is None else f" loss={record.cost:.4f}" \
+        if record.phase == "ae_train" else f" cost={record.cost:,.1f}"
     print(f"[fedseg] round {record.round:>2} {record.phase:<8} sites={record.num_sites}{cost} "
           f"{record.seconds:.2f}s", flush=True)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import instantiate_config
+from common.errors import ConfigError
 from common.features import FeatureSpec
-from server.app import FederationPlan, SecAggDpSettings
+from server.app import AE_DP_REFUSAL, FederationPlan, SecAggDpSettings
 from server.coordinator import KMeansSettings
 
 
@@ -29,9 +30,15 @@ def plan_from_config(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     secagg = instantiate_config(cfg.privacy)
+    ae = None
+    if cfg.model.get("autoencoder") is not None:
+        ae = instantiate_config(cfg.model.autoencoder, seed=int(cfg.seed))
+        if isinstance(secagg, SecAggDpSettings):
+            raise ConfigError(AE_DP_REFUSAL)
     dp = None
     if isinstance(secagg, SecAggDpSettings):
         source = instantiate_config(cfg.data)
         dp = secagg.dp_plan(features, source.declared_bounds(), num_sites=num_sites)
     return FederationPlan(settings=settings, features=features, num_sites=num_sites,
-                          secagg=secagg, config={str(k): v for k, v in resolved.items()}, dp=dp)
+                          secagg=secagg, config={str(k): v for k, v in resolved.items()}, dp=dp,
+                          ae=ae)

@@ -51,6 +51,7 @@ from common.protocol import (
     reply_roles,
 )
 from common.secure_sum import FRACTION_BITS, SecAggPlusSumCodec, plain_sum
+from server.ae_coordinator import AEKMeansCoordinator
 from server.coordinator import KMeansCoordinator, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator
 
@@ -118,7 +119,7 @@ class FederatedKMeans(Strategy):
     def __init__(
         self,
         *,
-        coordinator: KMeansCoordinator | DPKMeansCoordinator,
+        coordinator: KMeansCoordinator | DPKMeansCoordinator | AEKMeansCoordinator,
         num_sites: int,
         codec: SecAggPlusSumCodec | None,
         on_round: Callable[[RoundRecord], None] | None = None,

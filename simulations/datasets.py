@@ -20,6 +20,13 @@ from client.contract import DataContract, load_contract
 from client.csv_source import read_customer_csv
 from common.errors import ConfigError, DataError
 from common.features import TRANSFORMS, FeatureSpec
+from simulations.mixed import (
+    BOOLEANS,
+    CATEGORICALS,
+    MIXED_SEGMENTS,
+    NUMERIC,
+    generate_mixed_customers,
+)
 from simulations.partition import partition_by_group, partition_dirichlet, partition_iid
 from simulations.synthetic import FEATURE_INFO, FEATURES, SEGMENTS, generate_customers
 
@@ -121,6 +128,69 @@ class SyntheticCustomers:
 
         return part(keep, (f"synthetic retail customers: {int(keep.sum())} of {len(table)} "
                            f"consented, {self.num_regions} regions, {len(SEGMENTS)} true "
+                           "segments"), part(~keep, "declined consent", None))
+
+
+def mixed_features() -> tuple[FeatureSpec, ...]:
+    """Return the public feature list of the mixed-type synthetic data.
+
+    Numeric features first, then the boolean flags, then each categorical feature as one 0/1
+    column per declared value, named ``<feature>=<value>`` (as a data contract's categorical
+    feature gives them).
+    """
+    specs = [FeatureSpec(name=f.name, unit=f.unit, transform=f.transform, label=f.label,
+                         high_label=f.high_label, low_label=f.low_label) for f in NUMERIC]
+    specs += [FeatureSpec(name=name, unit="share", label=label, kind="boolean",
+                          high_label=label, low_label=f"not {label}") for name, label in BOOLEANS]
+    for group, label, vocabulary in CATEGORICALS:
+        specs += [FeatureSpec(name=f"{group}={value}", unit="share", label=f"{label}: {value}",
+                              kind="category", group=group, high_label=f"mostly {value}",
+                              low_label=f"rarely {value}") for value in vocabulary]
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class MixedCustomers:
+    """Built-in mixed-type synthetic customers (``data=mixed``); only consenting ones take part.
+
+    Segments are carried jointly by categorical values and curved numeric structure (see
+    :mod:`simulations.mixed`); regions are strongly non-IID.
+    """
+
+    num_customers: int = 30_000
+    num_regions: int = 6
+
+    def feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """Return the public feature list (known without reading any data)."""
+        return mixed_features()
+
+    def declared_bounds(self) -> dict[str, tuple[float, float]]:
+        """Public raw bounds per feature: the generator's ranges; [0, 1] for flags/categories."""
+        bounds = {f.name: (f.lower, f.upper) for f in NUMERIC}
+        bounds.update({f.name: (0.0, 1.0) for f in mixed_features() if f.kind != "numeric"})
+        return bounds
+
+    def load(self, *, seed: int) -> Population:
+        """Generate the table and keep consenting customers' records."""
+        try:
+            table = generate_mixed_customers(
+                num_customers=self.num_customers, num_regions=self.num_regions, seed=seed)
+        except ValueError as exc:
+            raise ConfigError(f"data=mixed: {exc}") from exc
+        records = table.record_matrix()
+        keep = table.consent
+
+        def part(mask: NDArray[np.bool_], description: str,
+                 declined: Population | None) -> Population:
+            return Population(
+                raw=records[mask], features=mixed_features(), groups=table.region[mask],
+                labels=table.segment[mask], label_names=tuple(s.name for s in MIXED_SEGMENTS),
+                description=description, ids=table.customer_id[mask],
+                identifiers={"name": table.name[mask], "email": table.email[mask]},
+                declined=declined, bounds=self.declared_bounds())
+
+        return part(keep, (f"mixed-type synthetic customers: {int(keep.sum())} of {len(table)} "
+                           f"consented, {self.num_regions} regions, {len(MIXED_SEGMENTS)} true "
                            "segments"), part(~keep, "declined consent", None))
 
 

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from client.app import SiteData, site_statistics
+from client.app import SiteData, ae_site_statistics, site_statistics
+from common.autoencoder import AESettings
 from common.dp import DpPlan, NoiseSource, noisy_round
 from common.features import FeatureSpec, apply_transforms
-from common.protocol import parse_phase
+from common.protocol import Phase, parse_phase
 from common.secure_sum import plain_sum
+from server.ae_coordinator import AEKMeansCoordinator
 from server.coordinator import KMeansCoordinator, KMeansSettings
 from server.dp_coordinator import DPKMeansCoordinator
 
@@ -46,6 +48,44 @@ def run_inprocess(
         phase_name, instruction, groups = coordinator.instruction()
         phase = parse_phase(phase_name)
         replies = [site_statistics(site, phase, instruction, groups=groups) for site in sites]
+        coordinator.step(plain_sum(replies), server_round=server_round, num_sites=len(sites))
+    return coordinator
+
+
+def run_inprocess_ae(
+    parts: Sequence[NDArray[np.float64]],
+    *,
+    features: tuple[FeatureSpec, ...],
+    settings: KMeansSettings,
+    ae: AESettings,
+) -> AEKMeansCoordinator:
+    """Run ``model=ae_kmeans`` in one process: each site answers with :func:`ae_site_statistics`.
+
+    The replies are summed in float64 as the server would receive them with ``privacy=none``;
+    SecAgg+'s exact encoding changes each sum by at most ``2**-24`` per site and entry.
+
+    Parameters
+    ----------
+    parts : sequence of ndarray of shape (n_i, n_features)
+        Raw records per site (one part = the pooled data, trained centrally by the same code).
+    features : tuple of FeatureSpec
+    settings : KMeansSettings
+    ae : AESettings
+    """
+    sites = [SiteData(raw=np.asarray(p, dtype=np.float64), features=features) for p in parts]
+    coordinator = AEKMeansCoordinator(settings=settings, features=features, ae=ae)
+    server_round = 0
+    while not coordinator.done:
+        server_round += 1
+        phase_name, instruction, groups = coordinator.instruction()
+        phase = parse_phase(phase_name)
+        if phase is Phase.MOMENTS:
+            replies = [site_statistics(site, phase, instruction) for site in sites]
+        else:
+            replies = [ae_site_statistics(site, phase, instruction, settings=ae,
+                                          n_params=coordinator.n_params, groups=groups,
+                                          train_round=coordinator.ae_rounds)[0]
+                       for site in sites]
         coordinator.step(plain_sum(replies), server_round=server_round, num_sites=len(sites))
     return coordinator
 

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ from sklearn.metrics import adjusted_rand_score
 from client.app import make_client_app
 from client.gate import open_gate
 from client.site_files import SiteFiles, audit_head_name
+from common.autoencoder import (
+    AESettings,
+    TabularLayout,
+    build_model,
+    embed,
+    local_train,
+    standardise,
+)
 from common.config import instantiate_config, register_configs
 from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
@@ -54,7 +63,9 @@ def _say(message: str) -> None:
 
 def _print_round(record: RoundRecord) -> None:
     parts = [f"round {record.round:>2} {record.phase:<8} sites={record.num_sites}"]
-    if record.cost is not None:
+    if record.cost is not None and record.phase == "ae_train":
+        parts.append(f"loss={record.cost:.4f}")
+    elif record.cost is not None:
         parts.append(f"cost={record.cost:,.1f}")
     if record.shift is not None:
         parts.append(f"shift={record.shift:.2e}")
@@ -164,6 +175,22 @@ def _site_privacy(state_dir: Path) -> dict[str, Any] | None:
                 "epsilon_spent": last["epsilon_after"], "delta": last["delta"],
                 "releases": len(lines)}
     return spent or None
+
+
+def _audit_compute(audit_dir: Path) -> dict[int, list[float]]:
+    """Per round, each site's CPU seconds of local computation (autoencoder phases)."""
+    per_round_site: dict[tuple[int, str], float] = defaultdict(float)
+    for log_file in sorted(audit_dir.glob("site-*.jsonl")):
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            compute = entry.get("compute")
+            if compute:
+                per_round_site[(int(entry["round"]), entry["site"])] += float(
+                    compute["cpu_seconds"])
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for (rnd, _), seconds in per_round_site.items():
+        by_round[rnd].append(seconds)
+    return by_round
 
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
@@ -302,18 +329,26 @@ def run(
 
     # Metrics per round: aggregates from the server, upload sizes from the sites' audit logs.
     bytes_by_round, messages = _audit_bytes(audit_dir)
+    cpu_by_round = _audit_compute(audit_dir)
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as handle:
         for record in coordinator.history:
             sent = bytes_by_round.get(record.round, [])
+            cpu = cpu_by_round.get(record.round, [])
             line = {**record.to_dict(),
-                    "bytes_uploaded_per_site": float(np.mean(sent)) if sent else None}
+                    "bytes_uploaded_per_site": float(np.mean(sent)) if sent else None,
+                    "bytes_uploaded_by_site": sent,
+                    "cpu_seconds_per_site": float(np.mean(cpu)) if cpu else None,
+                    "cpu_seconds_max_site": float(np.max(cpu)) if cpu else None}
             handle.write(json.dumps(line) + "\n")
     all_sent = [b for sizes_ in bytes_by_round.values() for b in sizes_]
 
     # Evaluation on the pooled data (simulation only: a real server never holds it).
     scaled = model.scaler.transform(apply_transforms(population.raw, population.features))
     fed_labels = model.assign(population.raw)
-    fed_cost = compute_stats(scaled, model.centroids_scaled).cost
+    if model.encoder is not None:  # assigned in the embedding: cost of those segments here
+        fed_cost = float(np.sum((scaled - model.centroids_scaled[fed_labels]) ** 2))
+    else:
+        fed_cost = compute_stats(scaled, model.centroids_scaled).cost
     summary: dict[str, Any] = {
         "cost": fed_cost,
         "federated_cost": coordinator.history[-1].cost,  # None under DP (not released)
@@ -342,7 +377,22 @@ def run(
     }
     if population.labels is not None:
         summary["ari_vs_truth"] = float(adjusted_rand_score(population.labels, fed_labels))
-    if cfg.centralized_reference:
+    if plan.ae is not None:
+        summary["model"] = "ae_kmeans"
+        summary["ae_loss_per_round"] = model.training["autoencoder"]["loss_per_round"]
+        ae_cpu = [c for r in coordinator.history if r.phase == "ae_train"
+                  for c in cpu_by_round.get(r.round, [])]
+        summary["ae_cpu_seconds_per_site_round"] = float(np.mean(ae_cpu)) if ae_cpu else None
+    if cfg.centralized_reference and plan.ae is not None:
+        _say("centralised reference: the same autoencoder trained on the pooled data ...")
+        central = central_ae_kmeans(population, plan.ae, k=settings.k, seed=seed,
+                                    device=policy.device)
+        summary["ari_vs_centralized"] = float(adjusted_rand_score(central.labels, fed_labels))
+        summary["central_ae"] = {"loss": central.loss, "seconds": central.seconds}
+        if population.labels is not None:
+            summary["central_ari_vs_truth"] = float(
+                adjusted_rand_score(population.labels, central.labels))
+    elif cfg.centralized_reference:
         reference = KMeans(n_clusters=settings.k, n_init=10, random_state=seed).fit(scaled)
         summary["centralized_cost"] = float(reference.inertia_)
         summary["cost_ratio"] = fed_cost / float(reference.inertia_)
@@ -354,11 +404,49 @@ def run(
     _say(f"done in {summary['seconds']:.1f}s: {summary['rounds']} rounds, cost={fed_cost:,.1f}"
          + (f", cost_ratio={summary['cost_ratio']:.4f}" if summary["cost_ratio"] else "")
          + (f", ari_vs_truth={summary['ari_vs_truth']:.3f}" if summary["ari_vs_truth"] is not None
-            else ""))
+            else "")
+         + (f", central model ari_vs_truth={summary['central_ari_vs_truth']:.3f}"
+            if summary.get("central_ari_vs_truth") is not None else ""))
     _print_segments(model, population)
     _say(f"segment model: {out / 'segments.json'}")
     _say(f"summary:       {out / 'summary.json'}")
     return summary
+
+
+@dataclass(frozen=True)
+class CentralReference:
+    """The ``ae_kmeans`` model trained on the pooled data (simulation only)."""
+
+    labels: NDArray[np.int64]
+    loss: float
+    seconds: float
+
+
+def central_ae_kmeans(population: Population, ae: AESettings, *, k: int, seed: int,
+                      device: str = "auto") -> CentralReference:
+    """Train the same autoencoder on the pooled data, then ``KMeans(n_init=10)`` in its embedding.
+
+    Same initial weights, the same epochs in total (``rounds * local_epochs``), the pooled
+    data's own scaling: what a central data warehouse would get from the same model.
+    """
+    started = time.perf_counter()
+    settings = replace(ae, device=device)
+    layout = TabularLayout.from_features(population.features)
+    transformed = apply_transforms(population.raw, population.features)
+    mean, std = transformed.mean(axis=0), transformed.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    x = standardise(transformed, layout, mean, std)
+    params = build_model(layout, settings).get_flat()
+    rng = np.random.default_rng([seed, 1])
+    loss = float("nan")
+    for _ in range(settings.rounds):
+        trained = local_train(params, x, layout=layout, settings=settings, rng=rng)
+        params, loss = trained.params, trained.history[-1]
+    z = embed(params, x, layout=layout, settings=settings)
+    z = (z - z.mean(axis=0)) / np.maximum(z.std(axis=0), 1e-12)
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z)
+    return CentralReference(labels=labels.astype(np.int64), loss=loss,
+                            seconds=time.perf_counter() - started)
 
 
 def _print_segments(model: Any, population: Population) -> None:

@@ -6,6 +6,13 @@ identifiers (name, email), consent flag and features, a data contract naming wha
 a site key and (created by the gate on first use) an encrypted site store -- so that every
 simulated ClientApp reads its records through the same privacy gate as a deployed site
 (:class:`GatedSites`).
+
+Columns are typed as a real source would hold them: a numeric feature is a number column, a
+boolean feature a boolean column (``INTEGER`` 0/1 in SQLite, ``BOOLEAN`` in Parquet,
+``true``/``false`` in CSV) declared ``type: boolean``, and the consecutive one-hot columns
+``<feature>=<value>`` of one categorical feature one text column holding the value, declared
+``type: categorical`` with its vocabulary in the feature list's order -- so the gate's
+:meth:`~client.contract.DataContract.feature_specs` and matrix are the population's own.
 """
 
 from __future__ import annotations
@@ -32,19 +39,61 @@ SOURCE_FORMATS = ("sqlite", "parquet", "csv")
 CONTRACT_FILE = "contract.yaml"
 
 
+def _feature_groups(features: tuple[FeatureSpec, ...]) -> list[tuple[str, list[int]]]:
+    """Split the feature list into source columns: (column name, feature indices).
+
+    A numeric or boolean feature is one column; the consecutive ``kind="category"`` columns of
+    one ``group`` are one text column named after the group.
+    """
+    out: list[tuple[str, list[int]]] = []
+    for j, f in enumerate(features):
+        if f.kind == "category" and out and features[out[-1][1][-1]].group == f.group \
+                and features[out[-1][1][-1]].kind == "category":
+            out[-1][1].append(j)
+        else:
+            out.append((f.group if f.kind == "category" else f.name, [j]))
+    return out
+
+
+def _value(spec: FeatureSpec) -> str:
+    """Return the vocabulary value of one one-hot column ``<group>=<value>``."""
+    prefix = f"{spec.group}="
+    if not spec.name.startswith(prefix):
+        raise ConfigError(f"feature {spec.name!r} of categorical feature {spec.group!r} should "
+                          f"be named {prefix}<value>.")
+    return spec.name[len(prefix):]
+
+
+def _contract_features(features: tuple[FeatureSpec, ...],
+                       bounds: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
+    """Return the contract's ``features`` section whose gate output is exactly ``features``."""
+    feats = []
+    for column, members in _feature_groups(features):
+        f = features[members[0]]
+        entry: dict[str, Any]
+        if f.kind == "category":
+            values = [_value(features[j]) for j in members]
+            suffix = f": {values[0]}"
+            label = f.title[:-len(suffix)] if f.title.endswith(suffix) else ""
+            entry = {"name": column, "type": "categorical", "label": label,
+                     "vocabulary": values}
+        elif f.kind == "boolean":
+            entry = {"name": f.name, "type": "boolean", "label": f.title, "high": f.high_label,
+                     "low": f.low_label}
+        else:
+            entry = {"name": f.name, "unit": f.unit, "label": f.title, "high": f.high_label,
+                     "low": f.low_label, "transform": f.transform}
+            if f.name in bounds:
+                entry["clip"] = [float(bounds[f.name][0]), float(bounds[f.name][1])]
+        feats.append({k: v for k, v in entry.items() if v not in ("", None)})
+    return feats
+
+
 def _contract(features: tuple[FeatureSpec, ...], bounds: dict[str, tuple[float, float]],
               *, name: str, fmt: str, state_dir: Path) -> dict[str, Any]:
     source: dict[str, Any] = (
         {"url": "sqlite:///customers.sqlite", "table": "customers"} if fmt == "sqlite"
         else {"path": f"customers.{fmt}"})
-    feats = []
-    for f in features:
-        entry: dict[str, Any] = {"name": f.name, "unit": f.unit, "label": f.title,
-                                 "high": f.high_label, "low": f.low_label,
-                                 "transform": f.transform}
-        if f.name in bounds:
-            entry["clip"] = [float(bounds[f.name][0]), float(bounds[f.name][1])]
-        feats.append({k: v for k, v in entry.items() if v not in ("", None)})
     return {
         "contract": CONTRACT_FORMAT,
         "purpose": "segmentation",
@@ -55,17 +104,46 @@ def _contract(features: tuple[FeatureSpec, ...], bounds: dict[str, tuple[float, 
         "direct_identifiers": ["name", "email"],
         "consent": {"mode": "column", "column": "consent"},
         "on_invalid": "error",
-        "features": feats,
+        "features": _contract_features(features, bounds),
     }
+
+
+def _feature_columns(features: tuple[FeatureSpec, ...],
+                     raw: NDArray[np.float64]) -> dict[str, NDArray[Any]]:
+    """Source columns of the records ``raw``: numbers, 0/1 flags (int), category values (str)."""
+    columns: dict[str, NDArray[Any]] = {}
+    for column, members in _feature_groups(features):
+        f = features[members[0]]
+        if f.kind == "category":
+            block = raw[:, members]
+            valid = np.all((block == 0.0) | (block == 1.0), axis=1) & (block.sum(axis=1) == 1.0)
+            if not np.all(valid):
+                row = int(np.flatnonzero(~valid)[0])
+                raise DataError(f"record {row}: the one-hot columns of categorical feature "
+                                f"{column!r} are {block[row].tolist()}; expected exactly one 1 "
+                                "and 0 elsewhere.", column=column)
+            values = np.asarray([_value(features[j]) for j in members], dtype=np.str_)
+            columns[column] = values[np.argmax(block, axis=1)]
+        elif f.kind == "boolean":
+            flag = raw[:, members[0]]
+            if not np.all((flag == 0.0) | (flag == 1.0)):
+                row = int(np.flatnonzero((flag != 0.0) & (flag != 1.0))[0])
+                raise DataError(f"record {row}: boolean feature {column!r} is {flag[row]!r}; "
+                                "expected 0 or 1.", column=column)
+            columns[column] = flag.astype(np.int64)
+        else:
+            columns[column] = raw[:, members[0]]
+    return columns
 
 
 def _write_table(path: Path, fmt: str, columns: dict[str, NDArray[Any]],
                  features: tuple[FeatureSpec, ...]) -> None:
     names = list(columns)
-    n = len(next(iter(columns.values())))
+    kinds = {column: features[members[0]].kind for column, members in _feature_groups(features)}
     rows = zip(*(columns[c].tolist() for c in names), strict=True)
     if fmt == "sqlite":
-        types = {c: "REAL" if c in {f.name for f in features} else "TEXT" for c in names}
+        sql_types = {"numeric": "REAL", "boolean": "INTEGER", "category": "TEXT"}
+        types = {c: sql_types[kinds[c]] if c in kinds else "TEXT" for c in names}
         types["consent"] = "INTEGER"
         con = sqlite3.connect(path)
         try:
@@ -88,16 +166,15 @@ def _write_table(path: Path, fmt: str, columns: dict[str, NDArray[Any]],
 
         ddb = duckdb.connect()
         try:
-            kinds = {c: "DOUBLE" if c in {f.name for f in features} else "VARCHAR"
-                     for c in names}
-            kinds["consent"] = "BOOLEAN"
-            spec = "{" + ", ".join(f"'{c}': '{kinds[c]}'" for c in names) + "}"
+            duck_types = {"numeric": "DOUBLE", "boolean": "BOOLEAN", "category": "VARCHAR"}
+            types = {c: duck_types[kinds[c]] if c in kinds else "VARCHAR" for c in names}
+            types["consent"] = "BOOLEAN"
+            spec = "{" + ", ".join(f"'{c}': '{types[c]}'" for c in names) + "}"
             ddb.execute(f"COPY (SELECT * FROM read_csv(?, header=true, columns={spec})) "
                         "TO ? (FORMAT parquet)", [str(csv_path), str(path)])
         finally:
             ddb.close()
         csv_path.unlink()
-    assert n >= 0
 
 
 def write_sites(
@@ -148,17 +225,19 @@ def write_sites(
         for key, values in population.identifiers.items():
             columns[key] = values[rows]
         columns["consent"] = np.ones(len(rows), dtype=np.int64)
-        for j, f in enumerate(features):
-            columns[f.name] = population.raw[rows, j]
+        columns.update(_feature_columns(features, population.raw[rows]))
         if declined is not None and declined.ids is not None:
             mine = np.arange(i, declined.raw.shape[0], len(parts))
             extra = {"customer_id": declined.ids[mine],
                      **{k: v[mine] for k, v in declined.identifiers.items()},
                      "consent": np.zeros(len(mine), dtype=np.int64),
-                     **{f.name: declined.raw[mine, j] for j, f in enumerate(features)}}
+                     **_feature_columns(features, declined.raw[mine])}
             columns = {k: np.concatenate([v, extra[k]]) for k, v in columns.items()}
         if fmt != "sqlite":
             columns["consent"] = np.where(columns["consent"] == 1, "true", "false")
+            for column, members in _feature_groups(features):
+                if features[members[0]].kind == "boolean":
+                    columns[column] = np.where(columns[column] == 1, "true", "false")
         source = site / ("customers.sqlite" if fmt == "sqlite" else f"customers.{fmt}")
         source.unlink(missing_ok=True)
         _write_table(source, fmt, columns, features)

@@ -31,7 +31,7 @@ from common.dp import (
 )
 from common.errors import ConfigError, SiteRefusal
 from common.features import FeatureSpec, apply_transforms
-from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY, Phase
+from common.protocol import GROUPS_KEY, KMEANS_PHASES, PHASE_KEY, PLAN_KEY, ROUND_KEY, Phase
 from common.site_policy import RunPlan, SitePolicy
 from server.app import SecAggDpSettings
 
@@ -120,7 +120,7 @@ def test_the_grid_is_fine_enough_that_every_site_noise_hides_its_limb_carries():
     dp = _dp_plan()
     assert dp.grid_bits > GAMMA.bit_length() - 1  # finer than the exact-sum grid here
     limb_bits = 30  # 3 sites: quantization_range 2**30
-    for phase in Phase:
+    for phase in KMEANS_PHASES:
         info = noisy_round(phase, dp, transformed=_site().transformed, features=FEATURES,
                            instruction=[] if phase is Phase.MOMENTS else [
                                np.array([5.0, 8.0]), np.array([1.0, 3.0]), np.zeros((3, 2))],

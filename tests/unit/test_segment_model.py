@@ -336,7 +336,7 @@ def test_load_invalid_json_names_the_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value"), [("schema", "something-else"),
-                                            ("schema_version", SCHEMA_VERSION + 1)])
+                                            ("schema_version", SCHEMA_VERSION + 2)])
 def test_load_wrong_schema_names_the_key(tmp_path, key, value):
     doc = _model_doc()
     doc[key] = value

@@ -1,0 +1,428 @@
+"""A small tabular autoencoder for mixed-type customer records (torch, no Flower).
+
+Numeric columns enter standardised with the *global* scaling of the moments round; a boolean
+column enters as 0/1; a categorical feature (one-hot columns of the same ``group``, declared
+vocabulary) enters through a learned embedding of its value index. The encoder maps a record
+to a small embedding; the decoder reconstructs every column with the loss of its type (squared
+error for numbers, binary cross-entropy for flags, cross-entropy for categories), each original
+feature weighing the same.
+
+Everything a federation exchanges about the model is one flat float64 vector of public length
+(:meth:`TabularAutoencoder.get_flat` / :meth:`set_flat`), so it travels through the same exact
+SecAgg+ sums as the k-means statistics. The layout of the vector depends only on the public
+feature list and :class:`AESettings`.
+
+Randomness: initialisation from ``AESettings.seed``, mini-batch order from an explicit
+``numpy.random.Generator`` -- never global random state; training on CPU with a seed is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from common.errors import ConfigError, DataError
+from common.features import FeatureSpec
+
+ARCHITECTURE_ID = "fedseg-tabular-ae/1"
+"""Version of the network layout and of the flat parameter order."""
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TabularLayout:
+    """Which columns of the (transformed) record matrix are numbers, flags and categories.
+
+    Attributes
+    ----------
+    numeric : tuple of int
+        Column indices of numeric features (standardised before entering the network).
+    boolean : tuple of int
+        Column indices of 0/1 flags.
+    categorical : tuple of tuple of int
+        One tuple of consecutive one-hot column indices per categorical feature.
+    names : tuple of str
+        One name per original feature (numeric, boolean, categorical order), for reports.
+    """
+
+    numeric: tuple[int, ...]
+    boolean: tuple[int, ...]
+    categorical: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_features(cls, features: tuple[FeatureSpec, ...]) -> TabularLayout:
+        """Derive the layout from the public feature list (``FeatureSpec.kind`` / ``group``)."""
+        numeric: list[int] = []
+        boolean: list[int] = []
+        groups: dict[str, list[int]] = {}
+        for j, spec in enumerate(features):
+            if spec.kind == "numeric":
+                numeric.append(j)
+            elif spec.kind == "boolean":
+                boolean.append(j)
+            else:
+                columns = groups.setdefault(spec.group, [])
+                if columns and columns[-1] != j - 1:
+                    raise ConfigError(f"categorical feature {spec.group!r}: its one-hot columns "
+                                      "are not consecutive in the feature list.")
+                columns.append(j)
+        for group, columns in groups.items():
+            if len(columns) < 2:
+                raise ConfigError(f"categorical feature {group!r} has {len(columns)} value; a "
+                                  "category needs at least 2 declared values.")
+        names = tuple([features[j].name for j in numeric] + [features[j].name for j in boolean]
+                      + list(groups))
+        return cls(numeric=tuple(numeric), boolean=tuple(boolean),
+                   categorical=tuple(tuple(c) for c in groups.values()), names=names)
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of the record matrix."""
+        return len(self.numeric) + len(self.boolean) + sum(len(c) for c in self.categorical)
+
+    @property
+    def n_original(self) -> int:
+        """Original features (a categorical feature counts once)."""
+        return len(self.numeric) + len(self.boolean) + len(self.categorical)
+
+
+@dataclass(frozen=True)
+class AESettings:
+    """Architecture and local training of the autoencoder (``model`` group, ``ae_*`` keys).
+
+    Attributes
+    ----------
+    hidden : tuple of int
+        Widths of the encoder's hidden layers (the decoder mirrors them).
+    embed_dim : int
+        Size of the embedding the segments are found in.
+    category_dim : int
+        Size of each categorical feature's learned value embedding (at most its vocabulary).
+    local_epochs : int
+        Passes over a site's records per federated round.
+    batch_size : int
+    lr : float
+        Adam learning rate.
+    prox_mu : float
+        FedProx proximal weight (0: FedAvg): ``mu/2 * ||w - w_global||**2`` keeps a site's
+        update near the global model under non-IID sites.
+    seed : int
+        Seed of the initial weights (the server draws them; sites never initialise).
+    device : str
+        ``auto`` (a GPU when present, else CPU), ``cpu`` or ``cuda``. Where a *site* trains is
+        the site's own choice (``site.device``); it is not part of the plan.
+    rounds : int
+        Federated training rounds before the segments are found in the embedding space.
+    """
+
+    hidden: tuple[int, ...] = (64, 32)
+    embed_dim: int = 4
+    category_dim: int = 3
+    local_epochs: int = 2
+    batch_size: int = 256
+    lr: float = 3e-3
+    prox_mu: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    rounds: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if int(self.rounds) < 1:
+            raise ConfigError(f"model.autoencoder.rounds={self.rounds} should be >= 1.")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise ConfigError(f"model.ae_hidden={list(self.hidden)} should list widths >= 1.")
+        checks = {"ae_embed_dim": self.embed_dim, "ae_category_dim": self.category_dim,
+                  "ae_local_epochs": self.local_epochs, "ae_batch_size": self.batch_size}
+        for key, value in checks.items():
+            if int(value) < 1:
+                raise ConfigError(f"model.{key}={value} should be >= 1.")
+        if not self.lr > 0:
+            raise ConfigError(f"model.ae_lr={self.lr} should be > 0.")
+        if self.prox_mu < 0:
+            raise ConfigError(f"model.ae_prox_mu={self.prox_mu} should be >= 0 (0: FedAvg).")
+        if self.device not in DEVICES:
+            raise ConfigError(f"model.device={self.device!r} should be one of {DEVICES}.")
+
+    def architecture(self) -> dict[str, Any]:
+        """Return what fixes the flat parameter layout (recorded in plans and model files)."""
+        return {"id": ARCHITECTURE_ID, "hidden": [int(h) for h in self.hidden],
+                "embed_dim": int(self.embed_dim), "category_dim": int(self.category_dim)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["hidden"] = [int(h) for h in self.hidden]
+        return out
+
+    def plan_json(self) -> str:
+        """Canonical JSON of everything the server announces (all but ``device``)."""
+        out = self.to_dict()
+        del out["device"]
+        return json.dumps(out, sort_keys=True)
+
+    @classmethod
+    def from_plan_json(cls, text: str, *, device: str = "auto") -> AESettings:
+        """Parse :meth:`plan_json` output; raises ``ValueError`` on any malformation."""
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)} - {"device"}
+        if not isinstance(raw, dict) or set(raw) != known:
+            got = sorted(raw) if isinstance(raw, dict) else raw
+            raise ValueError(f"autoencoder plan keys {got!r}; expected {sorted(known)}")
+        for name, value in raw.items():
+            values = value if name == "hidden" else [value]
+            if not isinstance(values, list) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"autoencoder plan {name}={value!r}")
+        try:
+            return cls(**{**raw, "hidden": tuple(raw["hidden"]), "device": device})
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto`` to CUDA when a GPU is visible, else CPU; refuse ``cuda`` without one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda but torch sees no GPU here; use auto or cpu.")
+    return torch.device(device)
+
+
+class TabularAutoencoder(nn.Module):
+    """Encoder/decoder over one layout; see the module docstring.
+
+    Parameters
+    ----------
+    layout : TabularLayout
+    settings : AESettings
+    """
+
+    def __init__(self, layout: TabularLayout, settings: AESettings) -> None:
+        super().__init__()
+        self.layout = layout
+        self.settings = settings
+        self.vocab = [len(c) for c in layout.categorical]
+        self.cat_embeddings = nn.ModuleList(
+            nn.Embedding(v, min(settings.category_dim, v)) for v in self.vocab)
+        n_in = len(layout.numeric) + len(layout.boolean) + sum(
+            min(settings.category_dim, v) for v in self.vocab)
+        widths = [n_in, *[int(h) for h in settings.hidden]]
+        enc: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            enc += [nn.Linear(a, b), nn.ELU()]
+        enc.append(nn.Linear(widths[-1], settings.embed_dim))
+        self.encoder = nn.Sequential(*enc)
+        back = [settings.embed_dim, *reversed([int(h) for h in settings.hidden])]
+        dec: list[nn.Module] = []
+        for a, b in itertools.pairwise(back):
+            dec += [nn.Linear(a, b), nn.ELU()]
+        n_out = len(layout.numeric) + len(layout.boolean) + sum(self.vocab)
+        dec.append(nn.Linear(back[-1], n_out))
+        self.decoder = nn.Sequential(*dec)
+
+    # -- flat parameter vector (what travels) -----------------------------------------------
+
+    def n_params(self) -> int:
+        """Length of the flat parameter vector."""
+        return int(sum(p.numel() for p in self.parameters()))
+
+    def get_flat(self) -> NDArray[np.float64]:
+        """Return all parameters as one float64 vector (fixed order of ``parameters()``)."""
+        return np.concatenate([p.detach().cpu().double().reshape(-1).numpy()
+                               for p in self.parameters()])
+
+    def set_flat(self, flat: NDArray[np.float64]) -> None:
+        """Load parameters from :meth:`get_flat`'s layout (length and finiteness checked)."""
+        flat = np.asarray(flat, dtype=np.float64)
+        if flat.shape != (self.n_params(),) or not np.all(np.isfinite(flat)):
+            raise DataError(f"autoencoder parameters of shape {flat.shape} (or non-finite); "
+                            f"this architecture has {self.n_params()}.")
+        offset = 0
+        with torch.no_grad():
+            for p in self.parameters():
+                n = p.numel()
+                p.copy_(torch.from_numpy(flat[offset:offset + n]).reshape(p.shape).to(p))
+                offset += n
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Network input from a standardised record batch; also the category indices."""
+        lay = self.layout
+        parts = [x[:, list(lay.numeric)], x[:, list(lay.boolean)]]
+        indices = []
+        for cols, emb in zip(lay.categorical, self.cat_embeddings, strict=True):
+            idx = torch.argmax(x[:, list(cols)], dim=1)
+            indices.append(idx)
+            parts.append(emb(idx))
+        return torch.cat(parts, dim=1), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding of a standardised record batch, shape (batch, embed_dim)."""
+        inputs, _ = self._inputs(x)
+        return self.encoder(inputs)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean reconstruction loss per record and original feature (each type its own loss)."""
+        lay = self.layout
+        inputs, indices = self._inputs(x)
+        out = self.decoder(self.encoder(inputs))
+        n_num, n_bool = len(lay.numeric), len(lay.boolean)
+        total = torch.zeros((), dtype=out.dtype, device=out.device)
+        if n_num:
+            total = total + ((out[:, :n_num] - x[:, list(lay.numeric)]) ** 2).sum(dim=1).mean()
+        if n_bool:
+            total = total + nn.functional.binary_cross_entropy_with_logits(
+                out[:, n_num:n_num + n_bool], x[:, list(lay.boolean)],
+                reduction="none").sum(dim=1).mean()
+        start = n_num + n_bool
+        for v, idx in zip(self.vocab, indices, strict=True):
+            total = total + nn.functional.cross_entropy(out[:, start:start + v], idx)
+            start += v
+        return total / max(1, lay.n_original)
+
+
+def standardise(transformed: NDArray[np.float64], layout: TabularLayout, mean: NDArray[np.float64],
+                std: NDArray[np.float64]) -> NDArray[np.float32]:
+    """Network input: numeric columns z-scored with the global scaling, the others as they are.
+
+    Parameters
+    ----------
+    transformed : ndarray of shape (n_samples, n_columns)
+        Records after their declared transforms.
+    layout : TabularLayout
+    mean, std : ndarray of shape (n_columns,)
+        The global scaling of the moments round.
+    """
+    x = np.array(transformed, dtype=np.float64, copy=True)
+    num = list(layout.numeric)
+    if num:
+        x[:, num] = (x[:, num] - mean[num]) / std[num]
+    return x.astype(np.float32)
+
+
+def build_model(layout: TabularLayout, settings: AESettings) -> TabularAutoencoder:
+    """Build the model with the seeded initial weights every party can rebuild (CPU, float32)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(settings.seed))
+        return TabularAutoencoder(layout, settings)
+
+
+def n_params(layout: TabularLayout, settings: AESettings) -> int:
+    """Length of the flat parameter vector for ``layout`` and ``settings`` (public)."""
+    return TabularAutoencoder(layout, settings).n_params()
+
+
+@dataclass
+class LocalTraining:
+    """What one site's local training produced (only ``params`` and sums ever leave, summed).
+
+    Attributes
+    ----------
+    params : ndarray of shape (n_params,)
+        The site's trained parameters.
+    loss_sum : float
+        Sum over the site's records of the reconstruction loss at the *global* parameters
+        (before training): the round's federated loss, once summed and divided by the count.
+    n_records : int
+    seconds : float
+        CPU-side wall time of the local training.
+    steps : int
+        Optimiser steps taken.
+    """
+
+    params: NDArray[np.float64]
+    loss_sum: float
+    n_records: int
+    seconds: float
+    steps: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+def local_train(
+    global_params: NDArray[np.float64],
+    x: NDArray[np.float32],
+    *,
+    layout: TabularLayout,
+    settings: AESettings,
+    rng: np.random.Generator,
+) -> LocalTraining:
+    """Train from the global parameters on one site's standardised records.
+
+    Parameters
+    ----------
+    global_params : ndarray of shape (n_params,)
+    x : ndarray of shape (n_samples, n_columns)
+        :func:`standardise` output.
+    layout : TabularLayout
+    settings : AESettings
+        ``local_epochs``, ``batch_size``, ``lr``, ``prox_mu`` and ``device`` are used.
+    rng : numpy.random.Generator
+        Mini-batch order.
+    """
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    model = TabularAutoencoder(layout, settings)
+    model.set_flat(global_params)
+    model.to(device)
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    n = data.shape[0]
+    with torch.no_grad():
+        loss_sum = float(sum(model.loss(data[i:i + 8192]).item() * data[i:i + 8192].shape[0]
+                             for i in range(0, n, 8192)))
+    anchor = [p.detach().clone() for p in model.parameters()]
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    steps = 0
+    history = []
+    for _ in range(settings.local_epochs):
+        order = torch.from_numpy(rng.permutation(n)).to(device)
+        epoch_loss = 0.0
+        for start in range(0, n, settings.batch_size):
+            batch = data[order[start:start + settings.batch_size]]
+            loss = model.loss(batch)
+            if settings.prox_mu > 0:
+                prox = sum(((p - a) ** 2).sum() for p, a in
+                           zip(model.parameters(), anchor, strict=True))
+                loss = loss + 0.5 * settings.prox_mu * prox
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            steps += 1
+            epoch_loss += float(loss.item()) * batch.shape[0]
+        history.append(epoch_loss / max(1, n))
+    return LocalTraining(params=model.get_flat(), loss_sum=loss_sum, n_records=n,
+                         seconds=time.perf_counter() - started, steps=steps, history=history)
+
+
+def embed(
+    params: NDArray[np.float64],
+    x: NDArray[np.float32],
+    *,
+    layout: TabularLayout,
+    settings: AESettings,
+) -> NDArray[np.float64]:
+    """Embeddings of standardised records under ``params``, shape (n_samples, embed_dim)."""
+    device = resolve_device(settings.device)
+    model = TabularAutoencoder(layout, settings)
+    model.set_flat(params)
+    model.to(device).eval()
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = []
+    with torch.no_grad():
+        for i in range(0, data.shape[0], 16384):
+            out.append(model.encode(data[i:i + 16384].to(device)).double().cpu().numpy())
+    if not out:
+        return np.zeros((0, settings.embed_dim))
+    return np.concatenate(out)

@@ -1,0 +1,237 @@
+"""Server-side state machine of ``model=ae_kmeans``, free of Flower.
+
+Phases: ``moments`` (global scaling of the features) -> ``ae_train`` rounds (each site trains
+the autoencoder from the global weights for a few local epochs and sends ``n_i * w_i`` and
+``n_i`` inside the exact secure sum, so the server learns only the customer-weighted average
+``sum(n_i w_i) / sum(n_i)`` -- FedAvg, or FedProx when ``prox_mu > 0``) -> ``embed`` (secure
+moments of the embedding) -> ``init`` / ``lloyd`` (the existing federated k-means, reused as
+:class:`~server.coordinator.KMeansCoordinator`, in the standardised embedding) -> ``profile``
+(per-segment sums of the *original* features, so the segments read as today). The segment
+model carries the encoder (:class:`common.segment_encoder.SegmentEncoder`) so that every site
+assigns its customers locally.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.autoencoder import AESettings, TabularLayout, build_model, n_params
+from common.errors import ProtocolError
+from common.features import FeatureSpec
+from common.protocol import Phase, ae_instruction_shapes, reply_shapes
+from common.scaling import GlobalScaler
+from common.segment_encoder import SegmentEncoder, segment_of_centre
+from common.segment_model import ProfileStats, SegmentModel
+from server.coordinator import (
+    CoordinatorViews,
+    KMeansCoordinator,
+    KMeansSettings,
+    RoundRecord,
+    check_sums,
+)
+
+
+@dataclass
+class AEKMeansCoordinator(CoordinatorViews):
+    """Drives a federated autoencoder, then federated k-means in its embedding.
+
+    Parameters
+    ----------
+    settings : KMeansSettings
+        The k-means part (k, restarts, rounds, tolerance, minimum segment size, seed).
+    features : tuple of FeatureSpec
+        The public feature list every site uses, in order (with kinds and groups).
+    ae : AESettings
+        The autoencoder: architecture, local training, federated rounds, seed of the
+        initial weights.
+    """
+
+    settings: KMeansSettings
+    features: tuple[FeatureSpec, ...]
+    ae: AESettings
+    phase: Phase = Phase.MOMENTS
+    scaler: GlobalScaler | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    model_stats: ProfileStats | None = None
+    ae_rounds: int = 0
+    ae_loss: list[float] = field(default_factory=list)
+    inner: KMeansCoordinator | None = None
+    _moments_sites: int = 0
+    _round_started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.layout = TabularLayout.from_features(self.features)
+        self.n_params = n_params(self.layout, self.ae)
+        self.weights: NDArray[np.float64] = build_model(self.layout, self.ae).get_flat()
+        self.embedding_features = tuple(
+            FeatureSpec(name=f"embedding_{i}") for i in range(self.ae.embed_dim))
+
+    # -- views used by the strategy ---------------------------------------------------------
+
+    @property
+    def centres(self) -> NDArray[np.float64] | None:  # type: ignore[override]
+        """Centres in the standardised embedding (None before the cluster phases)."""
+        return None if self.inner is None else self.inner.centres
+
+    @property
+    def lloyd_rounds(self) -> int:
+        """Lloyd rounds run in the embedding."""
+        return 0 if self.inner is None else self.inner.lloyd_rounds
+
+    @property
+    def converged(self) -> bool:
+        """Whether the published Lloyd run converged."""
+        return self.inner is not None and self.inner.converged
+
+    def groups(self) -> int:
+        """Independent centre sets in this round's centres (parallel Lloyd runs)."""
+        return 1 if self.inner is None or self.phase is Phase.PROFILE else self.inner.groups()
+
+    def run_plan_ae(self) -> str:
+        """Return the autoencoder part of the public run plan (sites check and pin it)."""
+        from common.autoencoder import ARCHITECTURE_ID
+
+        return json.dumps({"architecture": ARCHITECTURE_ID, "n_params": self.n_params,
+                           "settings": json.loads(self.ae.plan_json())}, sort_keys=True)
+
+    def instruction(self) -> tuple[str, list[NDArray[np.float64]], int]:
+        """Return the phase name, the public arrays and the group count for this round."""
+        self._round_started = time.perf_counter()
+        if self.phase is Phase.MOMENTS:
+            return self.phase.value, [], 1
+        assert self.scaler is not None
+        base = [self.scaler.mean, self.scaler.std, self.weights]
+        if self.phase in (Phase.AE_TRAIN, Phase.EMBED):
+            return self.phase.value, base, 1
+        assert self.inner is not None and self.inner.scaler is not None \
+            and self.inner.centres is not None
+        inner = self.inner
+        assert inner.scaler is not None and inner.centres is not None
+        return (self.phase.value,
+                [*base, inner.scaler.mean, inner.scaler.std, inner.centres], self.groups())
+
+    def expected_reply_shapes(self) -> list[tuple[int, ...]]:
+        """Public shapes of every site's reply in the current phase."""
+        d, m = self.n_features, self.ae.embed_dim
+        return reply_shapes(self.phase, n_centres=self.n_centres(),
+                            n_features=d if self.phase is Phase.MOMENTS else m,
+                            n_params=self.n_params, n_profile=d)
+
+    def expected_instruction_shapes(self) -> list[tuple[int, ...]]:
+        """Public shapes of the instruction arrays in the current phase."""
+        return ae_instruction_shapes(self.phase, n_centres=self.n_centres(),
+                                     n_features=self.n_features, n_params=self.n_params,
+                                     embed_dim=self.ae.embed_dim)
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def step(self, sums: list[NDArray[np.float64]], *, server_round: int, num_sites: int) -> None:
+        """Consume the statistics of this round summed over ``num_sites`` sites."""
+        if self.done:
+            raise ProtocolError("the run is finished; no further round expected.")
+        got = [np.shape(s) for s in sums]
+        if got != self.expected_reply_shapes():
+            raise ProtocolError(
+                f"round {server_round} ({self.phase.value}): aggregate has shapes {got}; "
+                f"expected {self.expected_reply_shapes()}.")
+        record = RoundRecord(round=server_round, phase=self.phase.value, num_sites=num_sites,
+                             seconds=0.0)
+        expected = self._moments_count(num_sites)
+        if self.phase is Phase.MOMENTS:
+            check_sums(Phase.MOMENTS, sums, num_sites=num_sites, groups=1,
+                       expected_count=None, server_round=server_round)
+            self.scaler = GlobalScaler.from_moments(sums, n_features=self.n_features)
+            self._moments_sites = num_sites
+            self.phase = Phase.AE_TRAIN
+        elif self.phase is Phase.AE_TRAIN:
+            self._ae_step(sums, record, expected=expected, server_round=server_round,
+                          num_sites=num_sites)
+        elif self.phase is Phase.PROFILE:
+            check_sums(Phase.PROFILE, sums, num_sites=num_sites, groups=1,
+                       expected_count=expected, server_round=server_round)
+            self.model_stats = ProfileStats.from_arrays(
+                sums, n_segments=self.settings.k, n_features=self.n_features)
+            assert self.model_stats.costs is not None
+            record.cost = float(self.model_stats.costs.sum())
+        else:  # embed, init, lloyd: the k-means coordinator in the embedding
+            if self.phase is Phase.EMBED:
+                self.inner = KMeansCoordinator(settings=self.settings,
+                                               features=self.embedding_features)
+            assert self.inner is not None
+            self.inner.step(sums, server_round=server_round, num_sites=num_sites)
+            inner_record = self.inner.history[-1]
+            record.cost, record.shift = inner_record.cost, inner_record.shift
+            record.reseeded = inner_record.reseeded
+            self.phase = self.inner.phase
+        record.seconds = time.perf_counter() - self._round_started
+        self.history.append(record)
+
+    def _moments_count(self, num_sites: int) -> float | None:
+        """Return the customers every later round must count (None after a partial round)."""
+        if self.scaler is None or num_sites != self._moments_sites:
+            return None
+        return self.scaler.count
+
+    def _ae_step(self, sums: list[NDArray[np.float64]], record: RoundRecord, *,
+                 expected: float | None, server_round: int, num_sites: int) -> None:
+        """FedAvg / FedProx update: the customer-weighted mean of the sites' trained weights."""
+        weighted, count, loss = (np.asarray(a, dtype=np.float64) for a in sums)
+        tol = num_sites * 2.0**-20
+        where = f"round {server_round} (ae_train)"
+        n = float(count[0])
+        if not (np.all(np.isfinite(weighted)) and np.isfinite(n) and np.isfinite(loss[0])) \
+                or n < 1 or abs(n - round(n)) > tol or loss[0] < -tol \
+                or (expected is not None and abs(n - expected) > tol):
+            raise ProtocolError(
+                f"{where}: the decoded sums are impossible (a customer count that is not whole,"
+                " not the moments round's, or a negative loss). A site's mask generator or "
+                "encoding does not match the server's, or a site is faulty; nothing is "
+                "published.")
+        self.weights = weighted / n
+        record.cost = float(loss[0] / n)  # mean reconstruction loss at the weights sent
+        self.ae_loss.append(record.cost)
+        self.ae_rounds += 1
+        if self.ae_rounds >= self.ae.rounds:
+            self.phase = Phase.EMBED
+
+    # -- the product ------------------------------------------------------------------------
+
+    def build_model(self, *, privacy: dict[str, Any], config: dict[str, Any]) -> SegmentModel:
+        """Package the final statistics and the encoder as a :class:`SegmentModel`."""
+        if self.model_stats is None or self.scaler is None or self.inner is None \
+                or self.inner.centres is None or self.inner.scaler is None:
+            raise ProtocolError("the run has not reached the profile round; no model to build.")
+        inner = self.inner
+        training = {
+            "model": "ae_kmeans",
+            "autoencoder": {**self.ae.to_dict(), "n_params": self.n_params,
+                            "architecture": self.ae.architecture(),
+                            "loss_per_round": list(self.ae_loss),
+                            "client_drift_fix": "fedprox" if self.ae.prox_mu > 0 else "none"},
+            "k_requested": self.settings.k,
+            "init": self.settings.init,
+            "n_init": self.settings.n_init,
+            "best_run": inner.best_run,
+            "lloyd_rounds": inner.lloyd_rounds,
+            "total_rounds": len(self.history),
+            "converged": inner.converged,
+            "tol": self.settings.tol,
+            "cost_in_embedding": None if self.model_stats.costs is None
+            else float(self.model_stats.costs.sum()),
+            "num_records": float(self.model_stats.counts.sum()),
+        }
+        model = self._segment_model(privacy=privacy, training=training, config=config)
+        centres = np.asarray(inner.centres, dtype=np.float64)
+        embedding_scaler = inner.scaler
+        assert embedding_scaler is not None
+        encoder = SegmentEncoder(
+            settings=self.ae, weights=self.weights, mean=embedding_scaler.mean,
+            std=embedding_scaler.std, centres=centres,
+            segment_of_centre=segment_of_centre(len(centres), model.merged, centres))
+        return replace(model, encoder=encoder)

@@ -1,0 +1,364 @@
+"""The tabular autoencoder, its federated protocol pieces and the encoder a model carries."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.autoencoder import (
+    AESettings,
+    TabularLayout,
+    build_model,
+    embed,
+    local_train,
+    n_params,
+    standardise,
+)
+from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
+from common.features import FeatureSpec
+from common.protocol import Phase, reply_roles, reply_shapes
+from common.segment_encoder import SegmentEncoder, segment_of_centre
+from common.segment_model import SegmentModel
+from common.site_policy import RunPlan, SitePolicy, SiteSession
+from server.ae_coordinator import AEKMeansCoordinator
+from server.coordinator import KMeansSettings
+
+FEATURES = (
+    FeatureSpec(name="spend", transform="log1p"),
+    FeatureSpec(name="visits"),
+    FeatureSpec(name="newsletter", kind="boolean"),
+    FeatureSpec(name="channel=store", kind="category", group="channel"),
+    FeatureSpec(name="channel=web", kind="category", group="channel"),
+    FeatureSpec(name="channel=app", kind="category", group="channel"),
+)
+SMALL = AESettings(hidden=(8,), embed_dim=2, category_dim=2, local_epochs=2, batch_size=32,
+                   lr=1e-2, rounds=3, device="cpu")
+
+
+def _records(n: int, seed: int = 0) -> np.ndarray:
+    """Two clear groups: store+newsletter low spenders, app high spenders."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n)
+    raw = np.zeros((n, len(FEATURES)))
+    raw[:, 0] = np.where(group == 0, rng.lognormal(3, 0.3, n), rng.lognormal(6, 0.3, n))
+    raw[:, 1] = np.where(group == 0, 2, 20) + rng.normal(0, 1, n)
+    raw[:, 2] = (group == 0).astype(float)
+    raw[np.arange(n), np.where(group == 0, 3, 5)] = 1.0
+    return raw
+
+
+def _x(raw: np.ndarray) -> np.ndarray:
+    layout = TabularLayout.from_features(FEATURES)
+    t = raw.copy()
+    t[:, 0] = np.log1p(t[:, 0])
+    return standardise(t, layout, t.mean(axis=0), t.std(axis=0) + 1e-12)
+
+
+# --------------------------------------------------------------------------- the network
+
+def test_the_layout_follows_kinds_and_groups():
+    layout = TabularLayout.from_features(FEATURES)
+    assert layout.numeric == (0, 1)
+    assert layout.boolean == (2,)
+    assert layout.categorical == ((3, 4, 5),)
+    assert layout.names == ("spend", "visits", "newsletter", "channel")
+    assert layout.n_original == 4 and layout.n_columns == 6
+
+
+def test_a_malformed_categorical_feature_is_refused_naming_it():
+    split = (FEATURES[3], FEATURES[0], FEATURES[4])
+    with pytest.raises(ConfigError, match=r"'channel'.*not consecutive"):
+        TabularLayout.from_features(split)
+    with pytest.raises(ConfigError, match="'channel' has 1 value"):
+        TabularLayout.from_features((FEATURES[0], FEATURES[3]))
+    with pytest.raises(ConfigError, match="needs its group"):
+        FeatureSpec(name="channel=web", kind="category")
+
+
+def test_settings_are_validated_with_the_key_named():
+    with pytest.raises(ConfigError, match="ae_embed_dim=0"):
+        AESettings(embed_dim=0)
+    with pytest.raises(ConfigError, match="ae_prox_mu"):
+        AESettings(prox_mu=-1.0)
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        AESettings(device="tpu")
+    plan = SMALL.plan_json()
+    assert "device" not in json.loads(plan)  # where a site trains is the site's choice
+    assert AESettings.from_plan_json(plan, device="cpu") == SMALL
+    with pytest.raises(ValueError, match="keys"):
+        AESettings.from_plan_json(json.dumps({"hidden": [8]}))
+
+
+def test_the_flat_vector_round_trips_and_refuses_another_length():
+    layout = TabularLayout.from_features(FEATURES)
+    model = build_model(layout, SMALL)
+    flat = model.get_flat()
+    assert flat.shape == (n_params(layout, SMALL),) and flat.dtype == np.float64
+    # Seeded initial weights: every party rebuilds the same; another seed differs.
+    assert np.array_equal(build_model(layout, SMALL).get_flat(), flat)
+    other = AESettings(**{**SMALL.to_dict(), "hidden": (8,), "seed": 1})
+    assert not np.array_equal(build_model(layout, other).get_flat(), flat)
+    model.set_flat(flat * 2)
+    assert np.allclose(model.get_flat(), flat * 2, rtol=1e-6)
+    with pytest.raises(DataError, match="this architecture has"):
+        model.set_flat(flat[:-1])
+    with pytest.raises(DataError):
+        model.set_flat(np.full_like(flat, np.nan))
+
+
+def test_local_training_is_deterministic_on_cpu_and_lowers_the_loss():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(400))
+    start = build_model(layout, SMALL).get_flat()
+    runs = [local_train(start, x, layout=layout, settings=SMALL, rng=np.random.default_rng(3))
+            for _ in range(2)]
+    assert np.array_equal(runs[0].params, runs[1].params)
+    assert runs[0].n_records == 400 and runs[0].steps == 2 * 13
+    params = start
+    losses = []
+    for _ in range(6):
+        trained = local_train(params, x, layout=layout, settings=SMALL,
+                              rng=np.random.default_rng(len(losses)))
+        losses.append(trained.loss_sum / trained.n_records)
+        params = trained.params
+    assert losses[-1] < 0.5 * losses[0]
+    z = embed(params, x, layout=layout, settings=SMALL)
+    assert z.shape == (400, 2) and np.all(np.isfinite(z))
+
+
+def test_fedprox_keeps_a_site_nearer_the_global_weights():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(300))
+    start = build_model(layout, SMALL).get_flat()
+    plain = local_train(start, x, layout=layout, settings=SMALL, rng=np.random.default_rng(0))
+    prox = local_train(start, x, layout=layout,
+                       settings=AESettings(**{**SMALL.to_dict(), "prox_mu": 10.0}),
+                       rng=np.random.default_rng(0))
+    assert np.linalg.norm(prox.params - start) < np.linalg.norm(plain.params - start)
+
+
+# --------------------------------------------------------------------------- protocol
+
+def test_autoencoder_replies_have_public_shapes_and_roles():
+    assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=99) == \
+        [(99,), (1,), (1,)]
+    assert reply_shapes(Phase.EMBED, n_centres=0, n_features=4) == [(1,), (4,), (4,)]
+    # Profile of an ae_kmeans run: assigned in the 4-d embedding, profiles of 6 features.
+    assert reply_shapes(Phase.PROFILE, n_centres=3, n_features=4, n_profile=6) == \
+        [(3,), (3, 6), (3,), (3, 6), (3, 6)]
+    assert len(reply_roles(Phase.AE_TRAIN)) == 3
+
+
+def _coordinator(**changes) -> AEKMeansCoordinator:
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    return AEKMeansCoordinator(settings=settings, features=FEATURES,
+                               ae=AESettings(**{**SMALL.to_dict(), **changes}))
+
+
+def _moments(n: float) -> list[np.ndarray]:
+    d = len(FEATURES)
+    return [np.array([n]), np.full(d, n * 0.5), np.full(d, n * 1.0)]
+
+
+def test_the_server_averages_weights_by_customers_from_the_secure_sums_only():
+    coordinator = _coordinator()
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    assert coordinator.phase is Phase.AE_TRAIN
+    p = coordinator.n_params
+    w1, w2 = np.full(p, 1.0), np.full(p, 4.0)
+    # Site 1 has 10 customers, site 2 has 20: the sums are 10*w1 + 20*w2 and 30.
+    coordinator.step([10 * w1 + 20 * w2, np.array([30.0]), np.array([6.0])],
+                     server_round=2, num_sites=2)
+    assert np.allclose(coordinator.weights, 3.0)
+    assert coordinator.history[-1].cost == pytest.approx(0.2)
+    name, arrays, groups = coordinator.instruction()
+    assert name == "ae_train" and groups == 1
+    assert [a.shape for a in arrays] == coordinator.expected_instruction_shapes()
+    with pytest.raises(ProtocolError, match="impossible"):
+        coordinator.step([np.zeros(p), np.array([29.5]), np.array([1.0])], server_round=3,
+                         num_sites=2)
+    with pytest.raises(ProtocolError, match="impossible"):  # not the moments round's count
+        coordinator.step([np.zeros(p), np.array([31.0]), np.array([1.0])], server_round=3,
+                         num_sites=2)
+
+
+def test_the_run_moves_through_training_embedding_clusters_and_profile():
+    coordinator = _coordinator(rounds=1)
+    p, d, m = coordinator.n_params, len(FEATURES), 2
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    coordinator.step([np.zeros(p), np.array([30.0]), np.array([3.0])], server_round=2,
+                     num_sites=2)
+    assert coordinator.phase is Phase.EMBED
+    coordinator.step([np.array([30.0]), np.full(m, 3.0), np.full(m, 60.0)], server_round=3,
+                     num_sites=2)
+    assert coordinator.phase is Phase.INIT
+    name, arrays, _ = coordinator.instruction()
+    assert name == "init"
+    assert [a.shape for a in arrays] == [(d,), (d,), (p,), (m,), (m,), (4, m)]
+    assert coordinator.expected_reply_shapes() == [(4, m), (4, m), (4,), (4,)]
+
+
+# --------------------------------------------------------------------------- the site
+
+def _plan(coordinator: AEKMeansCoordinator, **changes) -> RunPlan:
+    values = dict(features=tuple(f.name for f in FEATURES), k=2, n_init=1, init="summary",
+                  init_candidates=4, init_rounds=1, max_rounds=3, num_sites=3, model="ae_kmeans",
+                  ae=coordinator.run_plan_ae())
+    return RunPlan(**{**values, **changes})
+
+
+def test_a_site_pins_the_encoder_and_the_embedding_scaling():
+    coordinator = _coordinator(rounds=2)
+    plan = _plan(coordinator)
+    p, d, m = coordinator.n_params, len(FEATURES), 2
+    base = [np.zeros(d), np.ones(d), np.zeros(p)]
+    session = SiteSession()
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    with pytest.raises(SiteRefusal, match="not allowed"):  # no cluster round before embed
+        session.admit(plan, Phase.INIT, [*base, np.zeros(m), np.ones(m), np.zeros((4, m))],
+                      groups=1)
+    session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    session.admit(plan, Phase.AE_TRAIN, [base[0], base[1], np.ones(p)], groups=1)
+    with pytest.raises(SiteRefusal, match="not allowed"):  # a third training round
+        session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    encoder = np.full(p, 0.5)
+    session.admit(plan, Phase.EMBED, [base[0], base[1], encoder], groups=1)
+    cluster = [base[0], base[1], encoder, np.zeros(m), np.ones(m), np.zeros((4, m))]
+    session.admit(plan, Phase.INIT, cluster, groups=1)
+    swapped = [base[0], base[1], encoder + 1e-9, *cluster[3:]]
+    with pytest.raises(SiteRefusal, match="weights differ") as info:
+        session.admit(plan, Phase.LLOYD, [*swapped[:5], np.zeros((2, m))], groups=1)
+    assert info.value.code == "protocol"
+    rescaled = [*cluster[:3], np.zeros(m), np.full(m, 2.0), np.zeros((2, m))]
+    with pytest.raises(SiteRefusal, match="embedding's scaling changed"):
+        session.admit(plan, Phase.LLOYD, rescaled, groups=1)
+    with pytest.raises(SiteRefusal, match="embedding arrays"):
+        session.admit(plan, Phase.LLOYD, [*cluster[:5], np.zeros((50, m))], groups=1)
+    session.admit(plan, Phase.LLOYD, [*cluster[:5], np.zeros((2, m))], groups=1)
+    session.admit(plan, Phase.PROFILE, [*cluster[:5], np.zeros((2, m))], groups=1)
+
+
+@pytest.mark.parametrize(("policy", "plan_changes", "match"), [
+    ({"max_ae_rounds": 1}, {}, "autoencoder rounds=2 exceeds"),
+    ({"max_embed_dim": 1}, {}, "embedding size=2 exceeds"),
+    ({"max_ae_params": 10}, {}, "autoencoder parameters=.* exceeds"),
+    ({"max_ae_epochs": 1}, {}, "local epochs=2 exceeds"),
+    ({}, {"dp": "{}"}, "not differentially private"),
+    ({"require_dp": True}, {}, "answers only DP runs"),
+    ({}, {"model": "kmeans"}, "only with it"),
+    ({}, {"ae": ""}, "only with it"),
+])
+def test_autoencoder_plans_outside_the_site_policy_are_refused(policy, plan_changes, match):
+    plan = _plan(_coordinator(rounds=2), **plan_changes)
+    site = SitePolicy(**{"require_dp": False, **policy})
+    with pytest.raises(SiteRefusal, match=match):
+        plan.check_against(site, features=plan.features, prg=plan.prg)
+
+
+def test_a_malformed_autoencoder_plan_is_a_protocol_refusal():
+    coordinator = _coordinator()
+    doc = json.loads(coordinator.run_plan_ae())
+    for broken in ({**doc, "architecture": "torch.load"}, {**doc, "n_params": -1},
+                   {**doc, "settings": {**doc["settings"], "hidden": ["x"]}}):
+        plan = _plan(coordinator, ae=json.dumps(broken))
+        with pytest.raises(SiteRefusal) as info:
+            plan.check_against(SitePolicy(require_dp=False), features=plan.features, prg="")
+        assert info.value.code == "protocol"
+
+
+# --------------------------------------------------------------------------- the model file
+
+def _encoder(n_centres: int = 3) -> SegmentEncoder:
+    layout = TabularLayout.from_features(FEATURES)
+    rng = np.random.default_rng(0)
+    return SegmentEncoder(settings=SMALL, weights=build_model(layout, SMALL).get_flat(),
+                          mean=np.zeros(2), std=np.ones(2),
+                          centres=rng.normal(size=(n_centres, 2)),
+                          segment_of_centre=tuple(range(n_centres)))
+
+
+def test_the_encoder_round_trips_and_assigns_like_the_embedding():
+    encoder = _encoder()
+    doc = json.loads(json.dumps(encoder.to_dict()))
+    loaded = SegmentEncoder.from_dict(doc, features=FEATURES, n_segments=3)
+    assert np.array_equal(loaded.weights, encoder.weights)
+    raw = _records(50)
+    t = raw.copy()
+    t[:, 0] = np.log1p(t[:, 0])
+    from common.scaling import GlobalScaler
+
+    scaler = GlobalScaler(mean=t.mean(axis=0), std=t.std(axis=0) + 1e-12, count=50.0)
+    labels = loaded.assign(t, features=FEATURES, scaler=scaler)
+    z = embed(encoder.weights, standardise(t, TabularLayout.from_features(FEATURES),
+                                           scaler.mean, scaler.std),
+              layout=TabularLayout.from_features(FEATURES), settings=SMALL)
+    expected = np.argmin(((z[:, None, :] - encoder.centres[None]) ** 2).sum(-1), axis=1)
+    assert np.array_equal(labels, expected)
+
+
+def test_a_tampered_encoder_is_refused_by_its_checksum():
+    doc = _encoder().to_dict()
+    weights = np.frombuffer(base64.b64decode(doc["weights"]["base64"]), "<f8").copy()
+    weights[0] += 1.0
+    doc["weights"]["base64"] = base64.b64encode(weights.tobytes()).decode()
+    with pytest.raises(DataError, match=r"sha256.*does not match"):
+        SegmentEncoder.from_dict(doc, features=FEATURES, n_segments=3, source="m.json")
+
+
+class _Marker:
+    """Unpickling this writes a file: proof that a loader executed code from the model."""
+
+    path = ""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path(self.path).write_text, ("pwned",))
+
+
+def test_the_loader_never_unpickles_even_a_payload_with_a_valid_checksum(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    _Marker.path = str(marker)
+    payload = pickle.dumps(_Marker())
+    doc = _encoder().to_dict()
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    body["weights"] = {**body["weights"], "base64": base64.b64encode(payload).decode()}
+    from common.segment_encoder import _checksum
+
+    forged = {**body, "sha256": _checksum(body)}  # a server can recompute the checksum
+    calls = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append("pickle.loads"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: calls.append("pickle.load"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append("torch.load"))
+    with pytest.raises(DataError, match=r"encoder\.weights"):
+        SegmentEncoder.from_dict(forged, features=FEATURES, n_segments=3)
+    assert not marker.exists() and calls == []
+    # A valid encoder loads without ever calling them either.
+    SegmentEncoder.from_dict(_encoder().to_dict(), features=FEATURES, n_segments=3)
+    assert calls == []
+
+
+def test_a_model_with_an_encoder_is_version_2_and_needs_it(tmp_path):
+    from tests.unit.test_segment_model import _model_doc
+
+    doc = _model_doc()
+    assert doc["schema_version"] == 1
+    doc["schema_version"] = 2
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="needs key 'encoder'"):
+        SegmentModel.load(path)
+
+
+def test_centres_follow_the_segment_they_were_merged_into():
+    centres = np.array([[0.0, 0.0], [5.0, 5.0], [0.1, 0.0], [9.0, 9.0], [5.1, 5.0]])
+    # centre 2 merged into 0, centre 4 into 1, centre 3 empty and dropped.
+    log = [{"segment": 2, "into": 0}, {"segment": 4, "into": 1}, {"segment": 3, "into": None}]
+    assert segment_of_centre(5, log, centres) == (0, 1, 0, 1, 1)
+    # A merge into a group that later merges again follows it.
+    log = [{"segment": 2, "into": 0}, {"segment": 0, "into": 1}]
+    assert segment_of_centre(5, log, centres) == (0, 0, 0, 1, 2)
