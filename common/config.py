@@ -109,12 +109,13 @@ class AutoencoderConfig:
     _target_: str = "common.autoencoder.AESettings"
     rounds: int = 20
     hidden: list[int] = field(default_factory=lambda: [64, 32])
-    embed_dim: int = 4
+    embed_dim: int = 2
     category_dim: int = 3
     local_epochs: int = 2
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 3e-3
     prox_mu: float = 0.0
+    latent_noise: float = 0.25
 
 
 @dataclass

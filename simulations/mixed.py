@@ -1,24 +1,32 @@
 """Deterministic synthetic *mixed-type* retail customers: categories, flags and curved numbers.
 
-Each customer belongs to one of :data:`MIXED_SEGMENTS`. A segment is defined jointly by
+Each customer belongs to one of :data:`MIXED_SEGMENTS` (of very unequal size: about 33 %
+down to 6 %). A segment is defined jointly, never by one column:
 
 * a **combination of categorical values** -- preferred channel, favourite category, payment
-  method and delivery mode. Every single value is shared by two or more segments (web shoppers
-  are found in two segments, card payers in three...), only the combination is specific, and
-  about one customer in twenty deviates from the segment's usual value on each categorical;
-* a **curve in the numeric features**: a latent life-cycle position ``t`` in [0, 1] (how far
-  the customer is into their relationship with the shop) moves tenure, order frequency,
-  basket size, spend, recency and discount use *together* and non-linearly (arcs such as
-  ``sin(pi t)``), along a segment-specific path (:attr:`MixedSegment.curve`);
-* flags: newsletter and loyalty card, whose rates depend on the segment and on ``t``, and a
-  rare gift-card flag unrelated to the segment.
+  method and delivery mode -- where each segment has *two* usual values per categorical (app
+  or web; wallet or card...), every value is shared by several segments and only the
+  combination is specific;
+* eight **behaviour flags** (organic, children's products, coupons, returns, reviews,
+  weekends, late nights, premium): each segment has its own on/off pattern
+  (:data:`_BEHAVIOUR_CODES`, rates 0.7 / 0.2), none alone separates the segments;
+* a **curve in the numeric features**: a latent life-cycle position ``t`` in [0, 1] moves
+  tenure, order frequency, basket size, spend, recency and discount use together and
+  non-linearly (``sin(pi t)`` arcs), along a segment-specific path.
 
-How well centroid clustering on the raw, standardised columns (what fedseg's k-means sees)
-and clustering in an autoencoder's embedding recover these segments is measured, not assumed:
-``python -m simulations.bench.ae_central`` prints both adjusted Rand indices per seed.
+And, as in real customer tables, columns unrelated to the segments: a **long tail** of rare
+categorical values (favourite brand: 15 of its 20 brands at 3 % each; a few customers love
+books or pay by invoice), a rare gift-card flag and three common settings flags (SMS, paperless
+receipts, app notifications).
 
-Customers live in regions of unequal size, each dominated by one or two segments, so a
-split by region gives strongly non-IID sites. About 10 % decline analytics consent.
+What this does to the two models is measured, not assumed (``python -m
+simulations.bench.ae_kmeans``, docs/BENCHMARKS.md): k-means on the standardised one-hot
+columns weighs every rare value and every settings flag like a segment signal and spends
+clusters on them; an autoencoder reconstructs the columns from what they share.
+
+Customers live in regions of unequal size (largest 15 times the smallest), each dominated by
+one segment (70 %) and a second (20 %), so a split by region gives strongly non-IID sites.
+About 10 % decline analytics consent.
 
 Everything is driven by ``numpy.random.default_rng(seed)``; no global random state is read or
 changed.
@@ -98,15 +106,31 @@ BOOLEANS: tuple[tuple[str, str], ...] = (
     ("newsletter", "Newsletter subscriber"),
     ("loyalty_card", "Loyalty card holder"),
     ("gift_card", "Bought a gift card this year"),
+    ("sms_optin", "Accepts text messages"),
+    ("paperless", "Paperless receipts"),
+    ("app_push", "App notifications on"),
+    ("bought_organic", "Bought organic products"),
+    ("bought_kids", "Bought children's products"),
+    ("used_coupon", "Used a coupon"),
+    ("returned_item", "Returned an item"),
+    ("wrote_review", "Wrote a review"),
+    ("weekend_shopper", "Shops mostly at weekends"),
+    ("late_night", "Orders late at night"),
+    ("premium_member", "Premium membership"),
 )
 """Boolean features (name, label), in column order after the numeric ones."""
 
 CATEGORICALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("channel", "Preferred channel", ("store", "web", "app")),
     ("favourite_category", "Favourite category",
-     ("grocery", "fashion", "electronics", "home", "beauty", "sports")),
-    ("payment", "Payment method", ("card", "cash", "wallet")),
-    ("delivery", "Delivery", ("in_store", "home", "locker", "click_collect")),
+     ("grocery", "fashion", "electronics", "home", "beauty", "sports", "toys", "garden",
+      "books", "pets")),
+    ("payment", "Payment method", ("card", "cash", "wallet", "voucher", "invoice")),
+    ("delivery", "Delivery", ("in_store", "home", "locker", "click_collect", "pickup_point")),
+    ("favourite_brand", "Favourite brand",
+     ("house", "acme", "nordic", "verde", "lumen", "orbit", "kite", "maple", "zest", "pinecone",
+      "quartz", "harbor", "sable", "tundra", "willow", "ember", "cobalt", "fable", "juniper",
+      "ridge")),
 )
 """Categorical features (name, label, vocabulary in declared order), after the booleans."""
 
@@ -141,34 +165,46 @@ class MixedSegment:
 MIXED_SEGMENTS: tuple[MixedSegment, ...] = (
     MixedSegment(
         "app trend shoppers", "app users buying fashion and beauty, paying by phone",
-        {"channel": {"app": 0.95}, "favourite_category": {"fashion": 0.55, "beauty": 0.4},
-         "payment": {"wallet": 0.95}, "delivery": {"locker": 0.95}},
-        (0.0, 3.0, 1.9, 0.4, 3.7, 0.3, 0.35, -0.2), 0.6, 0.2),
+        {"channel": {"app": 0.65, "web": 0.3},
+         "favourite_category": {"fashion": 0.55, "beauty": 0.4},
+         "payment": {"wallet": 0.6, "card": 0.35},
+         "delivery": {"locker": 0.6, "home": 0.35}},
+        (0.0, 1.5, 1.95, 0.2, 3.4, 0.15, 0.35, -0.1), 0.6, 0.2),
     MixedSegment(
         "online tech buyers", "web shoppers of electronics and sports gear, home delivery",
-        {"channel": {"web": 0.95}, "favourite_category": {"electronics": 0.55, "sports": 0.4},
-         "payment": {"card": 0.95}, "delivery": {"home": 0.95}},
-        (0.0, 3.0, 1.5, 0.4, 4.3, 0.3, 0.15, 0.1), 0.3, 0.1),
+        {"channel": {"web": 0.65, "app": 0.3},
+         "favourite_category": {"electronics": 0.55, "sports": 0.4},
+         "payment": {"card": 0.6, "wallet": 0.35},
+         "delivery": {"home": 0.6, "locker": 0.35}},
+        (0.0, 1.5, 1.15, 0.2, 4.6, 0.15, 0.15, 0.05), 0.3, 0.1),
     MixedSegment(
         "store family grocers", "weekly store trips for groceries and home, paying cash",
-        {"channel": {"store": 0.95}, "favourite_category": {"grocery": 0.55, "home": 0.4},
-         "payment": {"cash": 0.95}, "delivery": {"in_store": 0.95}},
-        (0.5, 3.0, 2.2, 0.4, 3.9, 0.3, 0.25, 0.2), 0.2, 0.7),
+        {"channel": {"store": 0.65, "web": 0.3},
+         "favourite_category": {"grocery": 0.55, "home": 0.4},
+         "payment": {"cash": 0.6, "card": 0.35},
+         "delivery": {"in_store": 0.95}},
+        (0.5, 1.5, 2.55, 0.2, 3.8, 0.15, 0.25, 0.1), 0.2, 0.7),
     MixedSegment(
         "click-and-collect planners", "web orders of groceries and home goods collected in store",
-        {"channel": {"web": 0.95}, "favourite_category": {"grocery": 0.55, "home": 0.4},
-         "payment": {"card": 0.95}, "delivery": {"click_collect": 0.95}},
-        (0.0, 3.0, 1.9, 0.4, 4.0, 0.3, 0.3, 0.3), 0.5, 0.5),
+        {"channel": {"web": 0.65, "store": 0.3},
+         "favourite_category": {"grocery": 0.55, "home": 0.4},
+         "payment": {"card": 0.6, "cash": 0.35},
+         "delivery": {"click_collect": 0.6, "home": 0.35}},
+        (0.0, 1.5, 1.95, 0.2, 4.0, 0.15, 0.3, 0.15), 0.5, 0.5),
     MixedSegment(
         "store fashion loyalists", "in-store fashion and beauty buyers with a loyalty card",
-        {"channel": {"store": 0.95}, "favourite_category": {"fashion": 0.55, "beauty": 0.4},
-         "payment": {"card": 0.95}, "delivery": {"in_store": 0.95}},
-        (0.5, 3.0, 1.7, 0.4, 4.2, 0.3, 0.15, 0.1), 0.4, 0.8),
+        {"channel": {"store": 0.65, "app": 0.3},
+         "favourite_category": {"fashion": 0.55, "beauty": 0.4},
+         "payment": {"card": 0.6, "cash": 0.35},
+         "delivery": {"in_store": 0.6, "click_collect": 0.35}},
+        (0.5, 1.5, 1.55, 0.2, 4.4, 0.15, 0.15, 0.05), 0.4, 0.8),
     MixedSegment(
         "mobile deal hunters", "app users hunting discounts on electronics and sports",
-        {"channel": {"app": 0.95}, "favourite_category": {"electronics": 0.55, "sports": 0.4},
-         "payment": {"wallet": 0.95}, "delivery": {"home": 0.95}},
-        (0.0, 3.0, 2.0, 0.4, 3.8, 0.3, 0.55, 0.2), 0.7, 0.3),
+        {"channel": {"app": 0.65, "store": 0.3},
+         "favourite_category": {"electronics": 0.55, "sports": 0.4},
+         "payment": {"wallet": 0.6, "card": 0.35},
+         "delivery": {"home": 0.6, "locker": 0.35}},
+        (0.0, 1.5, 2.15, 0.2, 3.6, 0.15, 0.55, 0.1), 0.7, 0.3),
 )
 """Ground-truth segments; a customer's ``segment`` indexes this tuple."""
 
@@ -176,11 +212,17 @@ MIN_REGIONS: Final = 2
 MAX_REGIONS: Final = len(REGION_NAMES)
 MIN_CUSTOMERS_PER_REGION: Final = 10
 
-_SIZE_RATIO: Final = 5.0  # largest region / smallest region
-_PRIMARY_SHARE: Final = 0.6
-_SECONDARY_SHARE: Final = 0.25
+_SIZE_RATIO: Final = 15.0  # largest region / smallest region
+_PRIMARY_SHARE: Final = 0.7
+_SECONDARY_SHARE: Final = 0.2
 _DECLINE_RATE: Final = 0.10
 _GIFT_CARD_RATE: Final = 0.04
+_SETTING_RATES: Final = (0.5, 0.45, 0.4)  # sms_optin, paperless, app_push
+_BEHAVIOUR_CODES: Final = (  # one row per segment, one column per behaviour flag
+    (1, 1, 1, 1, 0, 0, 0, 0), (0, 0, 0, 0, 1, 1, 1, 1), (1, 1, 0, 0, 1, 1, 0, 0),
+    (0, 0, 1, 1, 0, 0, 1, 1), (1, 0, 1, 0, 1, 0, 1, 0), (0, 1, 0, 1, 0, 1, 0, 1))
+_BEHAVIOUR_HIGH: Final = 0.7
+_BEHAVIOUR_LOW: Final = 0.2
 # Within-segment noise on the log scale of frequency and basket, and on tenure (years): the
 # individual scatter around a segment's curve.
 _LOG_FREQ_NOISE: Final = 0.30
@@ -293,12 +335,28 @@ def mixed_region_mixing(num_regions: int) -> NDArray[np.float64]:
     return mix
 
 
+LONG_TAIL: Final[dict[str, dict[str, float]]] = {
+    "favourite_category": {"toys": 0.015, "garden": 0.015, "books": 0.02, "pets": 0.015},
+    "payment": {"voucher": 0.02, "invoice": 0.01},
+    "delivery": {"pickup_point": 0.015},
+    "favourite_brand": {b: 0.03 for b in ("orbit", "kite", "maple", "zest", "pinecone",
+                                           "quartz", "harbor", "sable", "tundra", "willow",
+                                           "ember", "cobalt", "fable", "juniper", "ridge")},
+}
+"""Rare values of each categorical (share of all customers), unrelated to the segments: the
+long tail real vocabularies have (a few customers pay by invoice, love books...)."""
+
+
 def _category_probabilities(segment: MixedSegment, vocabulary: tuple[str, ...],
                             feature: str) -> NDArray[np.float64]:
     """Value distribution of one categorical feature within one segment."""
-    usual = segment.categories[feature]
-    rest = (1.0 - sum(usual.values())) / (len(vocabulary) - len(usual))
-    return np.asarray([usual.get(v, rest) for v in vocabulary], dtype=np.float64)
+    usual = segment.categories.get(feature, {})
+    tail = LONG_TAIL.get(feature, {})
+    common = [v for v in vocabulary if v not in tail]
+    rest = (1.0 - sum(usual.values())) / (len(common) - len(usual))
+    scale = 1.0 - sum(tail.values())
+    return np.asarray([tail[v] if v in tail else scale * usual.get(v, rest)
+                       for v in vocabulary], dtype=np.float64)
 
 
 def _draw_categories(rng: np.random.Generator, segment: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -347,8 +405,15 @@ def _draw_flags(rng: np.random.Generator, segment: NDArray[np.int64],
     loyal = np.asarray([s.loyalty for s in MIXED_SEGMENTS])[segment] * (0.6 + 0.6 * t)
     # Gift cards are a seasonal, rare purchase: unrelated to the segment.
     gift = rng.random(n) < _GIFT_CARD_RATE
+    # Operational settings customers click once: common, and unrelated to how they shop.
+    settings = rng.random((n, 3)) < np.asarray(_SETTING_RATES)
+    # Behaviour flags: each segment shows its own pattern (_BEHAVIOUR_CODES), none alone
+    # tells the segments apart, together they do.
+    codes = np.asarray(_BEHAVIOUR_CODES, dtype=np.float64)[segment]
+    behaviour = rng.random(codes.shape) < np.where(codes > 0, _BEHAVIOUR_HIGH, _BEHAVIOUR_LOW)
     return np.column_stack([rng.random(n) < np.clip(news, 0, 1),
-                            rng.random(n) < np.clip(loyal, 0, 1), gift]).astype(np.float64)
+                            rng.random(n) < np.clip(loyal, 0, 1), gift,
+                            settings, behaviour]).astype(np.float64)
 
 
 def generate_mixed_customers(
