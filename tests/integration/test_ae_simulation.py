@@ -118,3 +118,30 @@ def test_the_autoencoder_is_refused_with_dp_before_anything_starts(make_cfg, tmp
     with pytest.raises(ConfigError, match="not differentially private yet"):
         run(make_cfg(*AE, "privacy=secagg_dp"), output_dir=tmp_path)
     assert not (tmp_path / "sites").exists()
+
+
+def test_a_site_labels_its_customers_with_the_encoder_through_fedseg_site(secagg_run, capsys):
+    from client.gate import open_gate
+    from client.site_cli import main as site_main
+
+    _, out, _ = secagg_run
+    contract = out / "sites" / "site-0" / "contract.yaml"
+    capsys.readouterr()
+    assert site_main(["--contract", str(contract), "assign", "--model",
+                      str(out / "segments.json")]) == 0
+    printed = capsys.readouterr().out
+    model = SegmentModel.load(out / "segments.json")
+    gate = open_gate(str(contract))
+    stored = dict(gate.store.iter_assignments())
+    data = gate.load()
+    assert len(stored) == data.site.raw.shape[0] > 0
+    expected = model.assign(data.site.raw)
+    assert printed.startswith(f"assigned {len(expected)} consenting customer(s)")
+    assert [stored[p]["segment_id"] for p in data.pseudonyms] == expected.tolist()
+    # An altered encoder is refused by its checksum: one line, exit status 2, nothing stored.
+    doc = json.loads((out / "segments.json").read_text())
+    doc["encoder"]["centres"][0][0] += 1.0
+    tampered = out / "tampered.json"
+    tampered.write_text(json.dumps(doc))
+    assert site_main(["--contract", str(contract), "assign", "--model", str(tampered)]) == 2
+    assert "sha256" in capsys.readouterr().err

@@ -362,3 +362,53 @@ def test_centres_follow_the_segment_they_were_merged_into():
     # A merge into a group that later merges again follows it.
     log = [{"segment": 2, "into": 0}, {"segment": 0, "into": 1}]
     assert segment_of_centre(5, log, centres) == (0, 0, 0, 1, 2)
+
+
+# --------------------------------------------------------------------------- the site client
+
+def _client(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from flwr.app import Context, RecordDict
+
+    from client.app import SiteClient
+    from client.gate import SiteData
+
+    context = Context(run_id=3, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    site = SiteData(raw=_records(200), features=FEATURES)
+    return SiteClient(site, context, policy=SitePolicy(require_dp=False, mechanism="none"),
+                      site_root=tmp_path)
+
+
+def _config(plan: RunPlan, phase: str) -> dict:
+    from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
+
+    return {PHASE_KEY: phase, ROUND_KEY: 1, GROUPS_KEY: 1, PLAN_KEY: plan.to_json()}
+
+
+def test_a_site_checks_the_announced_model_size_against_its_own_features(tmp_path):
+    coordinator = _coordinator()
+    doc = json.loads(coordinator.run_plan_ae())
+    lying = _plan(coordinator, ae=json.dumps({**doc, "n_params": doc["n_params"] + 8}))
+    with pytest.raises(SiteRefusal, match="this site's features give") as info:
+        _client(tmp_path).admit(_config(lying, "moments"), [])
+    assert info.value.code == "protocol"
+
+
+def test_a_site_answers_a_training_round_with_weighted_weights_count_and_loss(tmp_path):
+    coordinator = _coordinator()
+    plan = _plan(coordinator)
+    client = _client(tmp_path)
+    moments, _, _ = client.fit([], _config(plan, "moments"))
+    coordinator.step(moments, server_round=1, num_sites=3)
+    _, arrays, _ = coordinator.instruction()
+    reply, num_examples, metrics = client.fit(arrays, _config(plan, "ae_train"))
+    assert (num_examples, metrics) == (1, {})  # nothing in clear beside the statistics
+    assert [a.shape for a in reply] == [(coordinator.n_params,), (1,), (1,)]
+    assert reply[1][0] == 200.0
+    trained = reply[0] / reply[1][0]
+    assert not np.allclose(trained, coordinator.weights)  # it trained ...
+    assert np.max(np.abs(trained - coordinator.weights)) < 1.0  # ... from the global weights
+    # The compute time stays in the node's state for the audit log; it is never sent.
+    from client.audit import COMPUTE_RECORD
+
+    assert client.context.state.config_records[COMPUTE_RECORD]["cpu_seconds"] >= 0
