@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from common.autoencoder import AESettings
 from common.dp import DpSettings
 from common.errors import ConfigError, FedsegError
 from common.site_policy import SitePolicy
@@ -99,30 +100,36 @@ class ModelConfig:
     min_segment_size: int = 10
 
 
-@dataclass
-class AutoencoderConfig:
-    """The federated autoencoder of ``model=ae_kmeans`` (``common.autoencoder.AESettings``).
+def _autoencoder_schema() -> type:
+    """Build ``model.autoencoder``'s schema from :class:`AESettings` (one source of truth).
 
-    Where a site trains (CPU or GPU) is the site's choice: ``site.device``.
+    ``seed`` comes from the run's ``seed``; where a site trains is the site's choice
+    (``site.device``), so neither is a model key.
     """
+    hints = get_type_hints(AESettings)
+    specs: list[Any] = [("_target_", str, field(default="common.autoencoder.AESettings"))]
+    for f in fields(AESettings):
+        if f.name in ("seed", "device"):
+            continue
+        if f.name == "hidden":
+            specs.append(("hidden", list[int],
+                          field(default_factory=lambda: list(AESettings().hidden))))
+        else:
+            specs.append((f.name, hints[f.name], field(default=f.default)))
+    schema = make_dataclass("AutoencoderConfig", specs)
+    schema.__doc__ = _autoencoder_schema.__doc__
+    return schema
 
-    _target_: str = "common.autoencoder.AESettings"
-    rounds: int = 20
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
-    embed_dim: int = 2
-    category_dim: int = 3
-    local_epochs: int = 2
-    batch_size: int = 128
-    lr: float = 3e-3
-    prox_mu: float = 0.0
-    latent_noise: float = 0.25
+
+AutoencoderConfig = _autoencoder_schema()
+"""The federated autoencoder of ``model=ae_kmeans`` (``common.autoencoder.AESettings``)."""
 
 
 @dataclass
 class AEModelConfig(ModelConfig):
     """Segments found by k-means in a federated autoencoder's embedding (``model=ae_kmeans``)."""
 
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    autoencoder: Any = field(default_factory=AutoencoderConfig)
 
 
 @dataclass

@@ -513,11 +513,8 @@ class SiteSession:
                               f"[({d},), ({d},), ({n_params},)].")
         if not all(np.all(np.isfinite(a)) for a in arrays) or not np.all(std > 0):
             raise SiteRefusal("protocol", "non-finite weights, centres or scaling, or a std <= 0.")
-        digest = _digest(mean, std)
-        if self.scaling and digest != self.scaling:
-            raise SiteRefusal("protocol", "the global scaling changed within the run; it is "
-                              "fixed by the moments round.")
-        self.scaling = digest
+        self.scaling = _pinned(self.scaling, mean, std, "the global scaling changed within "
+                               "the run; it is fixed by the moments round.")
         if phase is Phase.AE_TRAIN:
             if groups != 1:
                 raise SiteRefusal("protocol", "autoencoder rounds have one group.")
@@ -532,11 +529,7 @@ class SiteSession:
             raise SiteRefusal("protocol", "the autoencoder weights differ from those the "
                               "embedding was measured with; they are fixed by the embed round.")
         emb_mean, emb_std, centres = arrays[3:]
-        expected_centres, expected_groups = {
-            Phase.INIT: (plan.init_candidates, 1),
-            Phase.LLOYD: (plan.k * plan.n_init, plan.n_init),
-            Phase.PROFILE: (plan.k, 1),
-        }[phase]
+        expected_centres, expected_groups = _planned_centres(plan, phase)
         if emb_mean.shape != (m,) or emb_std.shape != (m,) or \
                 centres.shape != (expected_centres, m):
             raise SiteRefusal("protocol", f"phase {phase.value}: embedding arrays of shapes "
@@ -547,11 +540,9 @@ class SiteSession:
                               f"plan has {expected_groups}.")
         if not np.all(emb_std > 0):
             raise SiteRefusal("protocol", "an embedding std <= 0.")
-        digest = _digest(emb_mean, emb_std)
-        if self.embedding_scaling and digest != self.embedding_scaling:
-            raise SiteRefusal("protocol", "the embedding's scaling changed within the run; it "
-                              "is fixed by the first cluster round.")
-        self.embedding_scaling = digest
+        self.embedding_scaling = _pinned(
+            self.embedding_scaling, emb_mean, emb_std, "the embedding's scaling changed within "
+            "the run; it is fixed by the first cluster round.")
 
     def _check_arrays(
         self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
@@ -562,11 +553,7 @@ class SiteSession:
             raise SiteRefusal("protocol", f"phase {phase.value} needs [mean, std, centres]; "
                               f"got {len(instruction)} arrays.")
         mean, std, centres = (np.asarray(a, dtype=np.float64) for a in instruction)
-        expected_centres, expected_groups = {
-            Phase.INIT: (plan.init_candidates, 1),
-            Phase.LLOYD: (plan.k * plan.n_init, plan.n_init),
-            Phase.PROFILE: (plan.k, 1),
-        }[phase]
+        expected_centres, expected_groups = _planned_centres(plan, phase)
         if mean.shape != (d,) or std.shape != (d,) or centres.shape != (expected_centres, d):
             raise SiteRefusal("protocol", f"phase {phase.value}: arrays of shapes "
                               f"{[mean.shape, std.shape, centres.shape]}; the plan allows "
@@ -577,11 +564,26 @@ class SiteSession:
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))
                 and np.all(np.isfinite(centres)) and np.all(std > 0)):
             raise SiteRefusal("protocol", "non-finite centres or scaling, or a std <= 0.")
-        digest = _digest(mean, std)
-        if self.scaling and digest != self.scaling:
-            raise SiteRefusal("protocol", "the global scaling changed within the run; it is "
-                              "fixed by the moments round.")
-        self.scaling = digest
+        self.scaling = _pinned(self.scaling, mean, std, "the global scaling changed within the "
+                               "run; it is fixed by the moments round.")
+
+
+def _planned_centres(plan: RunPlan, phase: Phase) -> tuple[int, int]:
+    """Centres and centre groups the plan allows in a cluster phase."""
+    return {
+        Phase.INIT: (plan.init_candidates, 1),
+        Phase.LLOYD: (plan.k * plan.n_init, plan.n_init),
+        Phase.PROFILE: (plan.k, 1),
+    }[phase]
+
+
+def _pinned(pinned: str, mean: NDArray[np.float64], std: NDArray[np.float64],
+            changed: str) -> str:
+    """Return the digest of a scaling, refusing one that differs from the pinned digest."""
+    digest = _digest(mean, std)
+    if pinned and digest != pinned:
+        raise SiteRefusal("protocol", changed)
+    return digest
 
 
 def policy_summary(policy: SitePolicy) -> str:

@@ -172,12 +172,6 @@ class AEKMeansCoordinator(CoordinatorViews):
         record.seconds = time.perf_counter() - self._round_started
         self.history.append(record)
 
-    def _moments_count(self, num_sites: int) -> float | None:
-        """Return the customers every later round must count (None after a partial round)."""
-        if self.scaler is None or num_sites != self._moments_sites:
-            return None
-        return self.scaler.count
-
     def _ae_step(self, sums: list[NDArray[np.float64]], record: RoundRecord, *,
                  expected: float | None, server_round: int, num_sites: int) -> None:
         """FedAvg / FedProx update: the customer-weighted mean of the sites' trained weights."""

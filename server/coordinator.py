@@ -129,6 +129,14 @@ class CoordinatorViews:
     scaler: GlobalScaler | None
     settings: Any
 
+    _moments_sites: int
+
+    def _moments_count(self, num_sites: int) -> float | None:
+        """Return the customers every later round must count (unknown after a partial round)."""
+        if self.scaler is None or num_sites != self._moments_sites:
+            return None
+        return self.scaler.count
+
     @property
     def n_features(self) -> int:
         """Number of features."""
@@ -271,12 +279,6 @@ class KMeansCoordinator(CoordinatorViews):
             record.cost = float(self.model_stats.costs.sum())
         record.seconds = time.perf_counter() - self._round_started
         self.history.append(record)
-
-    def _moments_count(self, num_sites: int) -> float | None:
-        """Return the customers every later round must count (unknown after a partial round)."""
-        if self.scaler is None or num_sites != self._moments_sites:
-            return None
-        return self.scaler.count
 
     def _start_lloyd(self, starts: list[NDArray[np.float64]]) -> None:
         """Begin ``n_init`` parallel Lloyd runs from the given centre sets."""
