@@ -25,6 +25,7 @@ from simulations.mixed import (
     CATEGORICALS,
     MIXED_SEGMENTS,
     NUMERIC,
+    NUMERIC_LABELS,
     generate_mixed_customers,
 )
 from simulations.partition import partition_by_group, partition_dirichlet, partition_iid
@@ -138,7 +139,8 @@ def mixed_features() -> tuple[FeatureSpec, ...]:
     column per declared value, named ``<feature>=<value>`` (as a data contract's categorical
     feature gives them).
     """
-    specs = [FeatureSpec(name=f.name, unit=f.unit, transform=f.transform, label=f.label,
+    specs = [FeatureSpec(name=f.name, unit=f.unit, transform=f.transform,
+                         label=NUMERIC_LABELS[f.name],
                          high_label=f.high_label, low_label=f.low_label) for f in NUMERIC]
     specs += [FeatureSpec(name=name, unit="share", label=label, kind="boolean",
                           high_label=label, low_label=f"not {label}") for name, label in BOOLEANS]

@@ -41,66 +41,42 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from simulations.synthetic import REGION_NAMES, _fake_names, _largest_remainder
+from simulations.synthetic import REGION_NAMES, FeatureInfo, _fake_names, _largest_remainder
 
 __all__ = [
     "BOOLEANS",
     "CATEGORICALS",
     "MIXED_SEGMENTS",
     "NUMERIC",
+    "NUMERIC_LABELS",
     "MixedCustomerTable",
     "MixedSegment",
-    "NumericInfo",
     "generate_mixed_customers",
     "mixed_region_mixing",
     "mixed_region_proportions",
 ]
 
 
-@dataclass(frozen=True)
-class NumericInfo:
-    """Public metadata of one numeric feature.
-
-    Attributes
-    ----------
-    name : str
-    unit : str
-        Physical unit of the raw value.
-    transform : str
-        ``"log1p"`` for heavy-tailed features, else ``"none"``.
-    lower, upper : float
-        Declared raw bounds (the generator clips to them).
-    label : str
-        What a marketer calls the feature.
-    high_label, low_label : str
-        Words for a high / low value in segment names.
-    """
-
-    name: str
-    unit: str
-    transform: str
-    lower: float
-    upper: float
-    label: str
-    high_label: str
-    low_label: str
-
-
-NUMERIC: tuple[NumericInfo, ...] = (
-    NumericInfo("recency_days", "days since last order", "log1p", 0.0, 730.0,
-                "Days since last order", "lapsing", "recent"),
-    NumericInfo("frequency", "orders per year", "log1p", 0.0, 365.0,
-                "Orders per year", "frequent", "occasional"),
-    NumericInfo("monetary", "currency per year", "log1p", 0.0, 200_000.0,
-                "Annual spend", "high-spend", "low-spend"),
-    NumericInfo("avg_basket", "currency per order", "log1p", 0.0, 20_000.0,
-                "Average basket", "big-basket", "small-basket"),
-    NumericInfo("tenure_years", "years", "none", 0.0, 25.0,
-                "Customer for", "long-standing", "new"),
-    NumericInfo("discount_share", "fraction of orders", "none", 0.0, 1.0,
-                "Share of orders discounted", "bargain-hunting", "full-price"),
+NUMERIC: tuple[FeatureInfo, ...] = (
+    FeatureInfo("recency_days", "days since last order", "log1p", 0.0, 730.0, "lapsing",
+                "recent"),
+    FeatureInfo("frequency", "orders per year", "log1p", 0.0, 365.0, "frequent", "occasional"),
+    FeatureInfo("monetary", "currency per year", "log1p", 0.0, 200_000.0, "high-spend",
+                "low-spend"),
+    FeatureInfo("avg_basket", "currency per order", "log1p", 0.0, 20_000.0, "big-basket",
+                "small-basket"),
+    FeatureInfo("tenure_years", "years", "none", 0.0, 25.0, "long-standing", "new"),
+    FeatureInfo("discount_share", "fraction of orders", "none", 0.0, 1.0, "bargain-hunting",
+                "full-price"),
 )
-"""Numeric features, in column order."""
+"""Numeric features, in column order (:class:`simulations.synthetic.FeatureInfo`)."""
+
+NUMERIC_LABELS: Final[dict[str, str]] = {
+    "recency_days": "Days since last order", "frequency": "Orders per year",
+    "monetary": "Annual spend", "avg_basket": "Average basket", "tenure_years": "Customer for",
+    "discount_share": "Share of orders discounted",
+}
+"""What a marketer calls each numeric feature."""
 
 BOOLEANS: tuple[tuple[str, str], ...] = (
     ("newsletter", "Newsletter subscriber"),
