@@ -96,11 +96,19 @@ def test_overrides_and_resolved_config_are_written(tmp_path):
 
 
 def test_multirun_sweeps_k(tmp_path):
-    proc = _run("-m", "model.k=3,4", "data.num_customers=2000", "data.num_regions=3",
+    proc = _run("-m", "model.k=3,4", "privacy=secagg", "data.num_customers=2000",
+                "data.num_regions=3",
                 "strategy.n_init=1", f"hydra.sweep.dir={tmp_path}", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ks = sorted(json.loads(p.read_text())["k"] for p in tmp_path.glob("*/summary.json"))
     assert ks == [3, 4]
+    # the sweep ends with its comparison: table, recommendation, files
+    assert "federated cost" in proc.stdout and "recommended k=" in proc.stdout
+    table = (tmp_path / "k_selection.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["3", "4"]
+    chosen = json.loads((tmp_path / "k_selection.json").read_text())["recommended_k"]
+    assert chosen in (3, 4) and f"recommended k={chosen}" in proc.stdout
+    assert (tmp_path / "k_selection.html").is_file()
 
 
 def test_bad_csv_path_gives_a_clear_error_and_no_traceback(tmp_path):
