@@ -239,6 +239,15 @@ class FederationConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Optional experiment tracking (``server/tracking.py``)."""
+
+    mlflow: bool = False
+    uri: str | None = None
+    experiment: str = "fedseg"
+
+
+@dataclass
 class RunConfig:
     """Top level of ``conf/config.yaml``."""
 
@@ -253,6 +262,7 @@ class RunConfig:
     verbose: bool = False
     quiet: bool = False
     centralized_reference: bool = True
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register_configs() -> None:

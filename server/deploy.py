@@ -29,6 +29,7 @@ from server.grid import FastPollGrid
 from server.plan import plan_from_config
 from server.progress import RoundProgress
 from server.report import RunArtifacts, warnings_for, write_report_or_warn
+from server.tracking import log_run_or_warn, require_mlflow
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -53,6 +54,8 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = compose_config(str(context.run_config.get(OVERRIDES_KEY, "")))
     check_run_config(cfg)
+    if cfg.tracking.mlflow:
+        require_mlflow()
     data = instantiate_config(cfg.data)
     grid = FastPollGrid(grid, poll_interval=float(cfg.federation.poll_interval))
     nodes = len(list(grid.get_node_ids()))
@@ -95,3 +98,4 @@ def _server_main(grid: Grid, context: Context) -> None:
         print(f"[fedseg] report: {report.resolve()}", flush=True)
     print(f"[fedseg] run directory: {out.resolve()} (segments.json, summary.json, "
           "metrics.jsonl, config.resolved.yaml, report.html)", flush=True)
+    log_run_or_warn(out, cfg, say=lambda line: print(f"[fedseg] {line}", flush=True))

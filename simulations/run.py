@@ -50,6 +50,7 @@ from server.app import RunResult, make_server_app
 from server.plan import plan_from_config
 from server.progress import RoundProgress
 from server.report import RunArtifacts, warnings_for, write_report_or_warn
+from server.tracking import log_run_or_warn, require_mlflow
 from simulations.datasets import Population
 from simulations.site_sources import GatedSites, write_sites
 
@@ -228,6 +229,8 @@ def run(
 
     started = time.perf_counter()
     check_run_config(cfg)
+    if cfg.tracking.mlflow:
+        require_mlflow()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _quiet_flower(bool(cfg.verbose))
@@ -405,6 +408,7 @@ def run(
     _say(f"summary:       {out / 'summary.json'}")
     if report is not None:
         _say(f"report:        {report}")
+    log_run_or_warn(out, cfg, say=_say)
     return summary
 
 

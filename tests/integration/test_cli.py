@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import ROOT
@@ -85,9 +86,18 @@ def test_the_main_jobs_report_renders_in_a_real_browser(main_job):
 
 
 def test_overrides_and_resolved_config_are_written(tmp_path):
+    store = tmp_path / "mlruns" / "mlflow.db"
     proc = _run("model.k=3", "federation.num_sites=4", "privacy=none", "data.num_customers=3000",
-                "data.num_regions=3", "partition=iid", f"hydra.run.dir={tmp_path}")
+                "data.num_regions=3", "partition=iid", "tracking.mlflow=true",
+                f"tracking.uri=sqlite:///{store}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # MLflow tracking (on here): the run is in the local store, with its model
+    logged = [line for line in proc.stdout.splitlines() if "[fedseg] mlflow: run " in line]
+    assert len(logged) == 1 and store.is_file(), proc.stdout[-2000:]
+    run_id = logged[0].split("mlflow: run ")[1].split()[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert client.get_run(run_id).data.params["model.k"] == "3"
+    assert "segments.json" in {a.path for a in client.list_artifacts(run_id)}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["k"] == 3 and summary["num_sites"] == 4 and summary["secagg"] is False
     resolved = (tmp_path / ".hydra" / "config.yaml").read_text()
