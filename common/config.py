@@ -233,6 +233,7 @@ class FederationConfig:
     num_sites: int | None = None
     backend: str = "ray"
     cpus_per_site: float = 1.0
+    ray_address: str | None = None
     site_source: str = "sqlite"
     sites_dir: str | None = None
     poll_interval: float = 0.1

@@ -303,9 +303,21 @@ def run(
     )
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": float(cfg.federation.cpus_per_site), "num_gpus": 0.0},
-        "init_args": {"log_to_driver": bool(cfg.verbose), "include_dashboard": False},
+        # address "local": always a new Ray instance for this run. Without it Ray connects to
+        # whatever cluster /tmp/ray/ray_current_cluster names (any `ray start` on this machine,
+        # even one long stopped) and the run hangs or lands on someone else's cluster.
+        "init_args": {"address": "local", "log_to_driver": bool(cfg.verbose),
+                      "include_dashboard": False},
     }
-    _say("starting Flower simulation engine ...")
+    if cfg.federation.ray_address:
+        # An existing cluster: its own resources and dashboard; sites need this checkout's
+        # code and the run directory at the same paths on every node (docs/SCALING.md).
+        backend_config["init_args"] = {"address": str(cfg.federation.ray_address),
+                                       "log_to_driver": bool(cfg.verbose)}
+        _say(f"starting Flower simulation engine on the Ray cluster at "
+             f"{cfg.federation.ray_address} ...")
+    else:
+        _say("starting Flower simulation engine ...")
     sim_started = time.perf_counter()
     with progress:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
@@ -354,6 +366,7 @@ def run(
         "converged": coordinator.converged,
         "seconds": None,
         "simulation_seconds": sim_seconds,
+        "ray_address": cfg.federation.ray_address,
         "num_sites": num_sites,
         "site_sizes": sizes,
         "num_customers": int(population.raw.shape[0]),
