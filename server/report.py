@@ -311,8 +311,10 @@ def map_plot(model: SegmentModel) -> str:
 
 def convergence_plot(metrics: list[dict[str, Any]]) -> str | None:
     """Cost and shift per round (and the autoencoder's loss) as PNG base64; None without any."""
+    # Lloyd and profile rounds only: an init round's cost is that of its many candidate
+    # centres, on another scale, and would hide the curve.
     cost = [(m["round"], m["cost"]) for m in metrics
-            if m.get("cost") is not None and m.get("phase") in ("lloyd", "init", "profile")]
+            if m.get("cost") is not None and m.get("phase") in ("lloyd", "profile")]
     shift = [(m["round"], m["shift"]) for m in metrics if m.get("shift")]
     loss = [(m["round"], m["cost"]) for m in metrics
             if m.get("cost") is not None and m.get("phase") == "ae_train"]
