@@ -93,7 +93,8 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _site_bytes(audit_dir: Path) -> dict[str, dict[int, int]]:
+def audit_bytes_by_site(audit_dir: Path) -> dict[str, dict[int, int]]:
+    """Per site, the bytes it sent per round, from the sites' audit logs (``site-*.jsonl``)."""
     sent: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for log_file in sorted(audit_dir.glob("site-*.jsonl")):
         for entry in _read_json_lines(log_file):
@@ -125,7 +126,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             raise DataError(f"not valid JSON ({exc.msg} at line {exc.lineno}).",
                             path=str(root / "summary.json")) from exc
     audit = root / "audit"
-    site_bytes = _site_bytes(audit) if audit.is_dir() else {}
+    site_bytes = audit_bytes_by_site(audit) if audit.is_dir() else {}
     return RunArtifacts(model=model, metrics=metrics, summary=summary, site_bytes=site_bytes,
                         source=root)
 

@@ -49,7 +49,12 @@ from common.site_policy import SitePolicy, policy_summary, site_policy_from_conf
 from server.app import RunResult, make_server_app
 from server.plan import plan_from_config
 from server.progress import RoundProgress
-from server.report import RunArtifacts, warnings_for, write_report_or_warn
+from server.report import (
+    RunArtifacts,
+    audit_bytes_by_site,
+    warnings_for,
+    write_report_or_warn,
+)
 from server.tracking import log_run_or_warn, require_mlflow
 from simulations.datasets import Population
 from simulations.site_sources import GatedSites, write_sites
@@ -183,20 +188,12 @@ def _audit_compute(audit_dir: Path) -> dict[int, list[float]]:
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
     """Per round, the bytes each site sent (from the sites' audit logs); and message count."""
-    per_round_site: dict[tuple[int, str], int] = defaultdict(int)
-    messages = 0
-    for log_file in sorted(audit_dir.glob("site-*.jsonl")):
-        for line in log_file.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            messages += 1
-            try:
-                rnd = int(entry["round"])
-            except (TypeError, ValueError):
-                continue
-            per_round_site[(rnd, entry["site"])] += int(entry["bytes"])
     by_round: dict[int, list[int]] = defaultdict(list)
-    for (rnd, _), size in per_round_site.items():
-        by_round[rnd].append(size)
+    for rounds in audit_bytes_by_site(audit_dir).values():
+        for rnd, size in rounds.items():
+            by_round[rnd].append(size)
+    messages = sum(len(log.read_text(encoding="utf-8").splitlines())
+                   for log in sorted(audit_dir.glob("site-*.jsonl")))
     return by_round, messages
 
 
