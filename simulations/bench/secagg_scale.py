@@ -51,7 +51,7 @@ def _restore_stock_mod(message: Any, context: Any, call_next: Any) -> Any:
     return call_next(message, context)
 
 
-def _worker(sites: int, variant: str, customers: int, out: Path) -> None:
+def _worker(sites: int, variant: str, customers: int, out: Path, extra: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     import server.app
@@ -63,7 +63,7 @@ def _worker(sites: int, variant: str, customers: int, out: Path) -> None:
     register_configs()
     overrides = [f"privacy={'none' if variant == 'none' else 'secagg'}", "partition=iid",
                  f"federation.num_sites={sites}", f"data.num_customers={customers * sites}",
-                 "centralized_reference=false", "quiet=true", "site.min_sites=3"]
+                 "centralized_reference=false", "quiet=true", "site.min_sites=3", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     mods: tuple[Any, ...] = ()
@@ -97,14 +97,16 @@ def _tree_rss_kib(root: int) -> int:
     return total
 
 
-def measure(sites: int, variant: str, customers: int, *, say: Any = print) -> dict[str, Any]:
+def measure(sites: int, variant: str, customers: int, *, extra: tuple[str, ...] = (),
+            say: Any = print) -> dict[str, Any]:
     """Run one configuration in its own process; return its row."""
     with tempfile.TemporaryDirectory(prefix="fedseg-secagg-scale-") as tmp:
         out = Path(tmp)
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
         cmd = [sys.executable, "-m", "simulations.bench.secagg_scale", "--worker",
                "--sites", str(sites), "--variant", variant,
-               "--customers-per-site", str(customers), "--out", str(out)]
+               "--customers-per-site", str(customers), "--out", str(out),
+               *(f"--override={o}" for o in extra)]
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -170,17 +172,21 @@ def main(argv: list[str] | None = None) -> int:
                              "dispatch (slow: ~25 s per round at 100 sites)")
     parser.add_argument("--customers-per-site", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the raw rows")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override for every run, e.g. "
+                             "--override=federation.cpus_per_site=0.5")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, default="secagg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.sites[0], args.variant, args.customers_per_site, args.out)
+        _worker(args.sites[0], args.variant, args.customers_per_site, args.out, args.override)
         return 0
     rows = []
     for sites in args.sites:
         variants = ["none", "secagg"] + (["secagg-stock"] if sites in args.stock else [])
         for variant in variants:
-            rows.append(measure(sites, variant, args.customers_per_site))
+            rows.append(measure(sites, variant, args.customers_per_site,
+                                extra=tuple(args.override)))
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     print(render(rows))
