@@ -35,7 +35,7 @@ from client.audit_chain import HeadStore
 from client.gate import SiteData
 from client.secagg_guard import make_secagg_guard_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
-from common import mask_prg
+from common import mask_prg, secagg_primitives
 from common.autoencoder import AESettings, TabularLayout, embed, local_train, standardise
 from common.autoencoder import n_params as ae_param_count
 from common.dp import NoiseSource, epsilon_spent, noisy_round
@@ -61,6 +61,20 @@ SECAGG_MODULES = (
 )
 """Flower modules whose SecAgg+ mask generator this site replaces (see common.mask_prg)."""
 mask_prg.install(*SECAGG_MODULES)
+
+PRIMITIVE_MODULES = (
+    importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
+    importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"),
+)
+"""Flower modules whose SecAgg+ key agreement and secret sharing this site replaces
+(see common.secagg_primitives)."""
+secagg_primitives.install(*PRIMITIVE_MODULES)
+
+
+def secagg_suite() -> str:
+    """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
+    return secagg_primitives.suite_id(mask_prg.active_prg_id(*SECAGG_MODULES),
+                                      secagg_primitives.active_id(*PRIMITIVE_MODULES))
 
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""
@@ -341,7 +355,7 @@ class SiteClient(NumPyClient):
         except (TypeError, ValueError) as exc:
             raise SiteRefusal("protocol", str(exc)) from exc
         plan.check_against(self.policy, features=tuple(f.name for f in self.site.features),
-                           prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+                           prg=secagg_suite())
         if plan.ae:
             settings, announced = plan.ae_settings()
             try:

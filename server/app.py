@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
-from common import mask_prg
+from common import mask_prg, secagg_primitives, shamir
 from common.autoencoder import AESettings, TabularLayout
 from common.dp import DpPlan, DpSettings, epsilon_spent
 from common.errors import ConfigError, ProtocolError
@@ -56,6 +56,20 @@ SECAGG_MODULES = (
 )
 """Flower modules whose SecAgg+ mask generator the server replaces (see common.mask_prg)."""
 mask_prg.install(*SECAGG_MODULES)
+
+PRIMITIVE_MODULES = (
+    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
+    importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"),
+)
+"""Flower modules whose SecAgg+ key agreement and secret sharing the server replaces
+(see common.secagg_primitives)."""
+secagg_primitives.install(*PRIMITIVE_MODULES)
+
+
+def secagg_suite() -> str:
+    """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
+    return secagg_primitives.suite_id(mask_prg.active_prg_id(*SECAGG_MODULES),
+                                      secagg_primitives.active_id(*PRIMITIVE_MODULES))
 
 
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
@@ -326,6 +340,8 @@ class FederationPlan:
                 "max_weight": MAX_WEIGHT,
                 "encoding": "exact fixed-point limbs with public offset (common.secure_sum)",
                 "mask_prg": mask_prg.PRG_ID,
+                "secret_sharing": shamir.SCHEME_ID,
+                "key_agreement": secagg_primitives.KEX_ID,
                 "dropouts_tolerated": self.settings.accept_partial_rounds,
             },
             "differential_privacy": None if self.dp is None else self.dp_record(released),
@@ -531,7 +547,7 @@ def run_federated_kmeans(
     if coordinator is None:
         coordinator = plan.new_coordinator()
     codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
-    announced = plan.run_plan(prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+    announced = plan.run_plan(prg=secagg_suite())
     strategy = FederatedKMeans(
         coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round,
         run_plan=announced.to_json(),

@@ -230,6 +230,9 @@ def run(
     """
     from flwr.simulation import run_simulation
 
+    from simulations import engine
+
+    engine.install()  # one pass per dispatch look, not one per site (simulations/engine.py)
     started = time.perf_counter()
     check_run_config(cfg)
     if cfg.tracking.mlflow:

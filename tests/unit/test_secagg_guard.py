@@ -19,8 +19,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 from client.app import make_client_app
 from common.errors import SITE_ERROR_PREFIX
-from common.mask_prg import PRG_ID
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
+from common.secagg_primitives import SUITE_ID
 from common.site_policy import RunPlan, SitePolicy
 from simulations.datasets import PartitionedSites, SyntheticCustomers
 from tests.secagg_driver import SecAggDriver, shares_for
@@ -54,7 +54,7 @@ def _site_apps(n: int, policy: SitePolicy, root) -> list[ClientApp]:
 def _moments_instruction(n: int) -> tuple[list, dict]:
     plan = RunPlan(features=tuple(f.name for f in POPULATION.features), k=3, n_init=1,
                    init="summary", init_candidates=30, init_rounds=1, max_rounds=5, num_sites=n,
-                   prg=PRG_ID)
+                   prg=SUITE_ID)
     return [], {PHASE_KEY: "moments", ROUND_KEY: 1, GROUPS_KEY: 1, PLAN_KEY: plan.to_json()}
 
 

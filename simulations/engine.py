@@ -1,0 +1,102 @@
+"""Message dispatch of Flower's simulation engine in one pass per look, not one pass per site.
+
+Flower 1.42's simulation engine (``flwr.server.superlink.fleet.vce.vce_api``) moves messages
+from its in-memory SuperLink state to the Ray workers with ``add_messages_to_queue``: every
+0.1 s, for *each* simulated site, ``InMemoryLinkState.get_message_ins`` walks *every* stored
+message (checking its expiry and federation). With ``n`` sites and ``n`` messages in flight that
+is ``n**2`` checks per look: at 100 sites the dispatch thread alone used about a third of a core
+of this 2-core machine, competing with the sites it feeds, and at 1,000 sites one look takes
+seconds (docs/BENCHMARKS.md, "SecAgg+ at 100 and 1,000 sites").
+
+:func:`install` replaces that function with :func:`add_messages_to_queue`, which walks the
+stored messages once per look, keeps only undelivered ones addressed to a simulated site, runs
+Flower's own validity check on those, marks them delivered and queues them -- what the
+original does, in one pass. It applies to the in-memory state only (the one ``run_simulation``
+uses) and defers to Flower's function for any other state. Only the simulation installs it; a
+deployment never runs this engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from queue import Queue
+from typing import Any
+
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.date import now
+
+from common.mask_prg import calls_by_global_name, require_supported_flower
+
+VCE_API = "flwr.server.superlink.fleet.vce.vce_api"
+"""The simulation engine's module whose dispatch function is replaced."""
+
+PATCHED_NAME = "add_messages_to_queue"
+
+_ORIGINAL: dict[str, Any] = {}
+
+
+def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int],
+                          f_stop: threading.Event) -> None:
+    """Put undelivered messages for the simulated sites in ``queue`` until ``f_stop`` is set.
+
+    Same contract as Flower's function of the same name (which it replaces); one pass over the
+    stored messages per look instead of one per site.
+    """
+    if not isinstance(state, InMemoryLinkState):
+        _ORIGINAL[PATCHED_NAME](state, queue, nodes_mapping, f_stop)
+        return
+    nodes = set(nodes_mapping)
+    while not f_stop.is_set():
+        with state.lock:
+            waiting = {msg_id for msg_id, msg in state.message_ins_store.items()
+                       if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes}
+            if waiting:
+                # Flower's check: drops expired messages and those outside the federation.
+                state._check_stored_messages(waiting)
+                delivered_at = now().isoformat()
+                ready = []
+                for msg_id in waiting:
+                    msg = state.message_ins_store.get(msg_id)
+                    if msg is not None and msg.metadata.delivered_at == "":
+                        msg.metadata.delivered_at = delivered_at
+                        ready.append(msg)
+            else:
+                ready = []
+        for msg in ready:
+            queue.put(msg)
+        f_stop.wait(0.1)
+
+
+def install(flower_version: str | None = None) -> None:
+    """Make Flower's simulation engine dispatch with :func:`add_messages_to_queue`.
+
+    Raises
+    ------
+    RuntimeError
+        Flower is not a version this was checked against, or its engine no longer looks the
+        function up by name (the replacement would silently not apply).
+    """
+    require_supported_flower(flower_version, "simulation message dispatch")
+    module = importlib.import_module(VCE_API)
+    current = getattr(module, PATCHED_NAME, None)
+    if current is add_messages_to_queue:
+        return
+    if not callable(current) or not calls_by_global_name(module.run_api, module, PATCHED_NAME):
+        raise RuntimeError(f"{VCE_API}.run_api does not start {PATCHED_NAME} through its module: "
+                           "this Flower version's simulation engine is not the one fedseg's "
+                           "dispatch replacement was written for.")
+    assigned = set(InMemoryLinkState.__init__.__code__.co_names)
+    if not ({"lock", "message_ins_store"} <= assigned
+            and callable(getattr(InMemoryLinkState, "_check_stored_messages", None))):
+        raise RuntimeError("InMemoryLinkState lacks lock, message_ins_store or "
+                           "_check_stored_messages: fedseg's simulation dispatch replacement "
+                           "does not fit this Flower version.")
+    _ORIGINAL[PATCHED_NAME] = current
+    setattr(module, PATCHED_NAME, add_messages_to_queue)
+
+
+def uninstall() -> None:
+    """Put Flower's dispatch back (the benchmark compares both)."""
+    if PATCHED_NAME in _ORIGINAL:
+        setattr(importlib.import_module(VCE_API), PATCHED_NAME, _ORIGINAL[PATCHED_NAME])
