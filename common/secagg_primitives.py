@@ -28,6 +28,7 @@ and a site whose own suite differs refuses the run before it makes any key.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -71,9 +72,18 @@ def public_key_to_bytes(public_key: x25519.X25519PublicKey) -> bytes:
 
 
 def bytes_to_private_key(data: bytes) -> x25519.X25519PrivateKey:
-    """Load a raw 32-byte private key; ``ValueError`` for anything else."""
+    """Load a raw 32-byte private key; ``ValueError`` for anything else.
+
+    Flower's SecAgg+ mod loads the site's own private key once per neighbour; the last few
+    loaded keys are kept (in this process only, where the key bytes already are).
+    """
     if not isinstance(data, bytes) or len(data) != KEY_BYTES:
         raise ValueError(f"an X25519 private key is {KEY_BYTES} raw bytes.")
+    return _load_private_key(data)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_private_key(data: bytes) -> x25519.X25519PrivateKey:
     return x25519.X25519PrivateKey.from_private_bytes(data)
 
 
