@@ -55,26 +55,21 @@ from common.secure_sum import (
 from common.segment_model import ProfileStats
 from common.site_policy import RunPlan, SitePolicy, SiteSession
 
-SECAGG_MODULES = (
-    importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
-    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
-)
+_SECAGG_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+SECAGG_MODULES = (_SECAGG_MOD,
+                  importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"))
 """Flower modules whose SecAgg+ mask generator this site replaces (see common.mask_prg)."""
+PRIMITIVE_MODULES = (_SECAGG_MOD,
+                     importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"))
+"""... and whose key agreement and secret sharing it replaces (common.secagg_primitives)."""
 mask_prg.install(*SECAGG_MODULES)
-
-PRIMITIVE_MODULES = (
-    importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
-    importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"),
-)
-"""Flower modules whose SecAgg+ key agreement and secret sharing this site replaces
-(see common.secagg_primitives)."""
 secagg_primitives.install(*PRIMITIVE_MODULES)
 
 
 def secagg_suite() -> str:
     """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
-    return secagg_primitives.suite_id(mask_prg.active_prg_id(*SECAGG_MODULES),
-                                      secagg_primitives.active_id(*PRIMITIVE_MODULES))
+    return secagg_primitives.suite_of(SECAGG_MODULES, PRIMITIVE_MODULES)
+
 
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""

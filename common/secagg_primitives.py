@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common import shamir
-from common.mask_prg import PRG_ID, calls_by_global_name, require_supported_flower
+from common.mask_prg import PRG_ID, active_prg_id, calls_by_global_name, require_supported_flower
 
 KEX_ID = "x25519-hkdf-sha256/1"
 """Identifier of this key agreement."""
@@ -201,6 +201,12 @@ def suite_id(prg_id: str, primitives_id: str) -> str:
     from its own: masks, shares or keys made one way cannot be used the other way.
     """
     return f"{prg_id}+{primitives_id}"
+
+
+def suite_of(mask_modules: tuple[ModuleType, ...], primitive_modules: tuple[ModuleType, ...],
+             ) -> str:
+    """Return the suite in force in a side's Flower modules (masks, then the primitives)."""
+    return suite_id(active_prg_id(*mask_modules), active_id(*primitive_modules))
 
 
 SUITE_ID = suite_id(PRG_ID, PRIMITIVES_ID)

@@ -50,26 +50,20 @@ from server.grid import Dropout, FastPollGrid, site_names
 from server.secagg_checks import ScreeningSecAggPlusWorkflow
 from server.strategy import FIRST_ROUND_WAIT, FederatedKMeans, describe_failure
 
-SECAGG_MODULES = (
-    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
-    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
-)
+_SECAGG_MOD = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+SECAGG_MODULES = (_SECAGG_MOD,
+                  importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"))
 """Flower modules whose SecAgg+ mask generator the server replaces (see common.mask_prg)."""
+PRIMITIVE_MODULES = (_SECAGG_MOD,
+                     importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"))
+"""... and whose key agreement and secret sharing it replaces (common.secagg_primitives)."""
 mask_prg.install(*SECAGG_MODULES)
-
-PRIMITIVE_MODULES = (
-    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
-    importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"),
-)
-"""Flower modules whose SecAgg+ key agreement and secret sharing the server replaces
-(see common.secagg_primitives)."""
 secagg_primitives.install(*PRIMITIVE_MODULES)
 
 
 def secagg_suite() -> str:
     """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
-    return secagg_primitives.suite_id(mask_prg.active_prg_id(*SECAGG_MODULES),
-                                      secagg_primitives.active_id(*PRIMITIVE_MODULES))
+    return secagg_primitives.suite_of(SECAGG_MODULES, PRIMITIVE_MODULES)
 
 
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
