@@ -63,20 +63,22 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: dict[int
     nodes = set(nodes_mapping)
     while not f_stop.is_set():
         with state.lock:
-            waiting = {msg_id for msg_id, msg in state.message_ins_store.items()
-                       if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes}
+            # As Flower's: at most one message per site per look, the oldest stored first.
+            waiting: dict[int, str] = {}
+            for msg_id, msg in state.message_ins_store.items():
+                node = msg.metadata.dst_node_id
+                if msg.metadata.delivered_at == "" and node in nodes and node not in waiting:
+                    waiting[node] = msg_id
+            ready = []
             if waiting:
                 # Flower's check: drops expired messages and those outside the federation.
-                state._check_stored_messages(waiting)
+                state._check_stored_messages(set(waiting.values()))
                 delivered_at = now().isoformat()
-                ready = []
-                for msg_id in waiting:
-                    msg = state.message_ins_store.get(msg_id)
-                    if msg is not None and msg.metadata.delivered_at == "":
-                        msg.metadata.delivered_at = delivered_at
-                        ready.append(msg)
-            else:
-                ready = []
+                for msg_id in waiting.values():
+                    stored = state.message_ins_store.get(msg_id)
+                    if stored is not None and stored.metadata.delivered_at == "":
+                        stored.metadata.delivered_at = delivered_at
+                        ready.append(stored)
         for msg in ready:
             queue.put(msg)
         f_stop.wait(0.1)
