@@ -34,6 +34,7 @@ from client.audit import COMPUTE_RECORD, PRIVACY_RECORD, make_boundary_mod
 from client.audit_chain import HeadStore
 from client.gate import SiteData
 from client.secagg_guard import make_secagg_guard_mod
+from client.secagg_prekeys import next_setup_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
 from common import mask_prg, secagg_primitives
 from common.autoencoder import AESettings, TabularLayout, embed, local_train, standardise
@@ -543,5 +544,6 @@ def make_client_app(
     mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism,
                                                   head_store=head_store)]
     if policy.mechanism == "secagg+":
-        mods.extend([require_secagg_mod, make_secagg_guard_mod(policy), secaggplus_mod])
+        mods.extend([require_secagg_mod, next_setup_mod, make_secagg_guard_mod(policy),
+                     secaggplus_mod])
     return ClientApp(client_fn=client_fn, mods=mods)

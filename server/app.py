@@ -48,6 +48,7 @@ from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator, expected_noise_summary
 from server.grid import Dropout, FastPollGrid, site_names
 from server.secagg_checks import ScreeningSecAggPlusWorkflow
+from server.secagg_prekeys import NextKeys, NextSetupGrid, PrekeyedSetupGrid, setup_parameters
 from server.strategy import FIRST_ROUND_WAIT, FederatedKMeans, describe_failure
 
 _SECAGG_MOD = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
@@ -391,6 +392,7 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self.parameters_for = parameters_for
         self._sized = False
         self._state: Any = None
+        self._next_keys: NextKeys | None = None
 
     def _fit_to_connected(self, context: LegacyContext) -> None:
         """Size the round's SecAgg+ parameters to the sites still connected.
@@ -431,6 +433,11 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._state = state
         self._enter("setup", grid)
         self._fit_to_connected(context)
+        prepared, self._next_keys = self._next_keys, None
+        if prepared is not None and prepared.keys:
+            # Keys the sites made with the last unmask reply (server.secagg_prekeys): used
+            # only if this round samples exactly them, with the parameters they checked.
+            grid = PrekeyedSetupGrid(grid, prepared=prepared)
         ok = bool(super().setup_stage(grid, context, state))
         _forget(state, set(state.sampled_node_ids) - set(state.active_node_ids))
         return ok
@@ -459,7 +466,28 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         """Run Flower's unmasking stage under its own timeout."""
         self._enter("unmask", grid)
-        return bool(super().unmask_stage(grid, context, state))
+        parameters = self._next_setup_parameters(len(state.active_node_ids))
+        if parameters is None:
+            return bool(super().unmask_stage(grid, context, state))
+        attached = NextSetupGrid(grid, parameters=parameters)
+        ok = bool(super().unmask_stage(attached, context, state))
+        self._next_keys = attached.next if ok else None
+        return ok
+
+    def _next_setup_parameters(self, sites: int) -> dict[str, Any] | None:
+        """Return the set-up parameters the next round sends if it samples ``sites`` sites."""
+        if sites < 2:
+            return None
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if self.parameters_for is not None:
+            try:
+                shares, threshold = self.parameters_for(min(self.planned_sites, sites))
+            except ConfigError:
+                return None
+        return setup_parameters(sites, num_shares=shares, reconstruction_threshold=threshold,
+                                clipping_range=self.clipping_range,
+                                quantization_range=self.quantization_range,
+                                modulus_range=self.modulus_range, max_weight=self.max_weight)
 
     def failure_reasons(self) -> list[str]:
         """Distinct site error texts of the last round (sanitised by the sites)."""
