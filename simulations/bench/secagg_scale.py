@@ -12,10 +12,12 @@ its own process, run one after the other:
 * ``none``: exact sums without secure aggregation (``privacy=none``);
 * ``secagg``: SecAgg+ as fedseg runs it (``privacy=secagg``: ChaCha20 masks, X25519 key
   agreement and secret sharing over GF(2**521 - 1) from :mod:`common.secagg_primitives`, the
-  one-pass dispatch of :mod:`simulations.engine`);
+  next round's set-up answered with each unmask (three exchanges per round after the first,
+  :mod:`server.secagg_prekeys`), the one-pass, signalled dispatch of :mod:`simulations.engine`);
 * ``secagg-stock`` (only for the site counts given to ``--stock``): the same, with Flower 1.42's
   own P-384 key agreement, pycryptodome secret sharing and engine dispatch put back on both
-  sides -- what a round cost before those replacements (benchmark only; never in a run).
+  sides -- what a round cost before those replacements (benchmark only; never in a run; the
+  set-up riding on the unmask stays).
 
 Reported per configuration: rounds, seconds per round (median over the rounds after the first,
 which includes the engine start), SecAgg+ over plain for the same site count, the whole run's
