@@ -393,6 +393,7 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._sized = False
         self._state: Any = None
         self._next_keys: NextKeys | None = None
+        self._prekeyed = False
 
     def _fit_to_connected(self, context: LegacyContext) -> None:
         """Size the round's SecAgg+ parameters to the sites still connected.
@@ -434,11 +435,15 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._enter("setup", grid)
         self._fit_to_connected(context)
         prepared, self._next_keys = self._next_keys, None
+        self._prekeyed = False
         if prepared is not None and prepared.keys:
             # Keys the sites made with the last unmask reply (server.secagg_prekeys): used
             # only if this round samples exactly them, with the parameters they checked.
-            grid = PrekeyedSetupGrid(grid, prepared=prepared)
-        ok = bool(super().setup_stage(grid, context, state))
+            prekeyed = PrekeyedSetupGrid(grid, prepared=prepared)
+            ok = bool(super().setup_stage(prekeyed, context, state))
+            self._prekeyed = prekeyed.used
+        else:
+            ok = bool(super().setup_stage(grid, context, state))
         _forget(state, set(state.sampled_node_ids) - set(state.active_node_ids))
         return ok
 
@@ -452,6 +457,14 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         Flower's own mod would fail on the missing share): it is taken out of the round here.
         """
         self._enter("share_keys", grid)
+        if self._prekeyed:
+            # The round's first exchange (its set-up rode on the last unmask): a site first
+            # heard from now gets the set-up's time, as it would have in a separate set-up.
+            setup = self.stage_timeouts.get("setup")
+            self.timeout = None if setup is None or self.timeout is None else \
+                max(setup, self.timeout)
+            if isinstance(grid, FastPollGrid):
+                grid.stage_timeout = self.timeout
         before = set(state.active_node_ids)
         ok = bool(super().share_keys_stage(grid, context, state))
         _forget(state, before - set(state.active_node_ids))
