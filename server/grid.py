@@ -32,7 +32,7 @@ class StoreSignal:
     A deployed SuperLink runs in another process, so nothing signals there and the grid looks
     every ``poll_interval`` seconds. The simulation engine stores replies in the server's own
     process and calls :meth:`notify` after each (``simulations.engine``), so a stage ends when
-    its last reply lands instead of up to one poll interval later -- four times per SecAgg+
+    its last reply lands instead of up to one poll interval later -- at every exchange of a
     round. A generation counter makes a reply stored between a look and the wait count.
     """
 
@@ -59,6 +59,13 @@ class StoreSignal:
 
 REPLY_SIGNAL = StoreSignal()
 """The process's reply signal (notified by the simulation engine; idle in a deployment)."""
+
+MIN_LOOK_GAP = 0.002
+"""Seconds at least between two signalled looks, so that a burst of stores is one look."""
+
+LOOK_GAP_PER_MESSAGE = 2e-5
+"""... plus this per awaited message: a look costs time in proportion to them (at 1,000 sites a
+look per stored message made the waiting quadratic)."""
 
 
 class DelegatingGrid(Grid):
@@ -196,7 +203,8 @@ class FastPollGrid(DelegatingGrid):
             if REPLY_SIGNAL.wait(seen, self.poll_interval):
                 # Signalled: let the replies landing now arrive together (a look costs time
                 # in proportion to the replies still awaited).
-                time.sleep(min(self.poll_interval, 0.002 + 2e-5 * len(pending)))
+                time.sleep(min(self.poll_interval,
+                               MIN_LOOK_GAP + LOOK_GAP_PER_MESSAGE * len(pending)))
         for reply in replies:
             if reply.has_error():
                 self.record_lost(destination.get(reply.metadata.reply_to_message_id,

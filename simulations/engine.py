@@ -38,7 +38,7 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkStat
 from flwr.supercore.date import now
 
 from common.mask_prg import calls_by_global_name, require_supported_flower
-from server.grid import REPLY_SIGNAL, StoreSignal
+from server.grid import LOOK_GAP_PER_MESSAGE, MIN_LOOK_GAP, REPLY_SIGNAL, StoreSignal
 
 VCE_API = "flwr.server.superlink.fleet.vce.vce_api"
 """The simulation engine's module whose dispatch function is replaced."""
@@ -56,13 +56,6 @@ PUSHED = StoreSignal()
 IDLE_LOOK = 0.1
 """Seconds between two looks at the stored messages when no store was signalled (Flower's)."""
 
-MIN_LOOK_GAP = 0.002
-"""Seconds at least between two looks, so that a burst of stores is taken in one look."""
-
-LOOK_GAP_PER_MESSAGE = 2e-5
-"""... plus this per stored message: a look walks the whole store under the state's lock,
-which the ServerApp needs to store the next message (at 1,000 sites a look per store made the
-dispatch quadratic again)."""
 
 
 def _signal_stores(state: InMemoryLinkState) -> None:
