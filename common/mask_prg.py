@@ -118,8 +118,20 @@ def calls_by_global_name(obj: object, module: ModuleType, name: str = PATCHED_NA
     """
     functions = ([obj] if callable(obj) and hasattr(obj, "__code__")
                  else [v for v in vars(obj).values() if hasattr(v, "__code__")])
-    uses: list[Any] = [f for f in functions if name in f.__code__.co_names]
+    uses: list[Any] = [f for f in functions if name in _names_used(f.__code__)]
     return bool(uses) and all(f.__globals__ is vars(module) for f in uses)
+
+
+def _names_used(code: Any) -> set[str]:
+    """Return the global and attribute names ``code`` looks up, with its nested code.
+
+    Comprehensions and inner functions share the enclosing function's globals.
+    """
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_used(const)
+    return names
 
 
 def require_supported_flower(flower_version: str | None, what: str) -> None:
