@@ -87,7 +87,11 @@ def keystream_masks(
     sizes = [int(np.prod(shape)) if shape else 1 for shape in dimensions_list]
     total = sum(sizes)
     if num_range & (num_range - 1) == 0:
-        values = _keystream_words(key, total).astype(np.int64) % num_range
+        # A power of two: the low bits (a bitwise AND, not numpy's int64 modulo, which cost
+        # two thirds of a mask's time). For 2**32 every word is already in range.
+        values = _keystream_words(key, total).astype(np.int64)
+        if num_range < 2**32:
+            values &= num_range - 1
     else:
         # Rejection sampling: accept words below the largest multiple of num_range.
         limit = (2**32 // num_range) * num_range
