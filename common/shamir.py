@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections.abc import Mapping
+from types import MappingProxyType
 
 PRIME = 2**521 - 1
 """The field's modulus (a Mersenne prime)."""
@@ -88,14 +90,14 @@ def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
 
 
 @functools.lru_cache(maxsize=256)
-def _weights_at_zero(xs: tuple[int, ...]) -> dict[int, int]:
+def _weights_at_zero(xs: tuple[int, ...]) -> Mapping[int, int]:
     """Lagrange weights at 0 for the sorted, distinct indices ``xs``, by index.
 
     Cached: in a round every site's shares come back from neighbours at the same positions, so
     the server combines a thousand secrets over a handful of index sets (at 1,000 sites the
     weights were most of the server's own CPU in the unmask stage).
     """
-    weights = {}
+    weights: dict[int, int] = {}
     for i, xi in enumerate(xs):
         numerator, denominator = 1, 1
         for j, xj in enumerate(xs):
@@ -103,7 +105,7 @@ def _weights_at_zero(xs: tuple[int, ...]) -> dict[int, int]:
                 numerator = numerator * xj % PRIME
                 denominator = denominator * (xj - xi) % PRIME
         weights[xi] = numerator * pow(denominator, -1, PRIME) % PRIME
-    return weights
+    return MappingProxyType(weights)  # shared by every caller: read-only
 
 
 def _lagrange_at_zero(xs: list[int]) -> list[int]:
