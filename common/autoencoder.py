@@ -33,10 +33,18 @@ from torch import nn
 from common.errors import ConfigError, DataError
 from common.features import FeatureSpec
 
-ARCHITECTURE_ID = "fedseg-tabular-ae/1"
-"""Version of the network layout and of the flat parameter order."""
+ARCHITECTURE_ID = "fedseg-tabular-ae/2"
+"""Version of the network layout, of the flat parameter order and of what the bottleneck means
+(version 2 adds the Gumbel-softmax bottleneck; version 1 files are refused)."""
 
 DEVICES = ("auto", "cpu", "cuda")
+BOTTLENECKS = ("tanh", "gumbel_softmax")
+LOCAL_OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("average", "adam")
+DRIFT_CORRECTIONS = ("none", "scaffold")
+SERVER_ADAM = (0.9, 0.99, 1e-3)
+"""Server Adam's ``beta1``, ``beta2`` and ``eps`` (no bias correction): the step is
+``server_lr * m / (sqrt(v) + eps)`` on the round's pseudo-gradient ``FedAvg(w_i) - w``."""
 
 
 @dataclass(frozen=True)
@@ -106,16 +114,17 @@ class AESettings:
     hidden : tuple of int
         Widths of the encoder's hidden layers (the decoder mirrors them).
     embed_dim : int
-        Size of the embedding the segments are found in.
+        Size of the embedding the segments are found in; with the ``gumbel_softmax``
+        bottleneck the number of codes, best ``k`` (each code becomes one segment).
     category_dim : int
         Size of each categorical feature's learned value embedding (at most its vocabulary).
     local_epochs : int
-        Passes over a site's records per federated round.
+        Passes over a site's records per federated round when ``local_steps`` is 0.
     batch_size : int
     lr : float
-        Adam learning rate.
+        Local learning rate (of ``local_optimizer``).
     prox_mu : float
-        FedProx proximal weight (0: FedAvg): ``mu/2 * ||w - w_global||**2`` keeps a site's
+        FedProx proximal weight (0: off): ``mu/2 * ||w - w_global||**2`` keeps a site's
         update near the global model under non-IID sites.
     seed : int
         Seed of the initial weights (the server draws them; sites never initialise).
@@ -125,25 +134,58 @@ class AESettings:
     rounds : int
         Federated training rounds before the segments are found in the embedding space.
     latent_noise : float
-        Standard deviation of Gaussian noise added to the bounded (``tanh``) embedding while
-        training. A noisy bottleneck carries only a few distinguishable codes, so the model
-        spends them on what many features share (the segments) rather than on what varies
-        independently within a segment, and keeps distinct codes apart: on the mixed-type
-        benchmark it took k-means in the embedding from ARI ~0.3 to ~0.9
-        (docs/BENCHMARKS.md). 0 turns it off.
+        ``tanh`` bottleneck only: standard deviation of Gaussian noise added to the bounded
+        embedding while training. A noisy bottleneck carries only a few distinguishable codes,
+        so the model spends them on what many features share (the segments). 0 turns it off.
+    bottleneck : str
+        ``gumbel_softmax`` (default): the embedding is a softmax over ``embed_dim`` codes;
+        while training the decoder reads a Gumbel-softmax sample of it at a temperature
+        annealed from ``temperature_start`` to ``temperature_end`` over the rounds, so each
+        record is reconstructed from (nearly) one code -- a mixture model in which every
+        segment, however small, is worth its own code, and whose codes sit at the corners of
+        the simplex, where k-means finds them. ``tanh``: a bounded embedding with
+        ``latent_noise`` (the first design; its codes crowd the square's corners).
+    temperature_start, temperature_end : float
+        Gumbel-softmax temperature of the first and last training round (geometric in between).
+        Starting soft lets codes split gradually (deterministic annealing) instead of locking
+        into the first partition they find.
+    local_optimizer : str
+        ``sgd`` (plain, no momentum: the SCAFFOLD correction is exact for it) or ``adam``.
+    local_steps : int
+        Mini-batch steps per site and round, whatever the site's size (0: ``local_epochs``
+        passes). Few steps bound how far a site drifts towards its own segments.
+    server_optimizer : str
+        ``adam`` (FedAdam: :data:`SERVER_ADAM` on the pseudo-gradient, step ``server_lr``) or
+        ``average`` (FedAvg: the new weights are the customer-weighted mean).
+    server_lr : float
+        Step of the server's Adam.
+    drift_correction : str
+        ``scaffold``: every site adds ``c - c_i`` to each local gradient, where ``c_i`` is its
+        mean gradient and ``c`` the customer-weighted mean gradient of all sites, both at the
+        previous round's global weights; ``c`` comes from the sites' secure sums
+        ``n_i * c_i``. The sum of the sites' objectives is unchanged, but no site descends
+        its own segments' gradient alone any more. ``none``: off.
     """
 
     hidden: tuple[int, ...] = (64, 32)
-    embed_dim: int = 2
+    embed_dim: int = 6
     category_dim: int = 3
     local_epochs: int = 2
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 0.05
     prox_mu: float = 0.0
     seed: int = 0
     device: str = "auto"
-    rounds: int = 20
+    rounds: int = 200
     latent_noise: float = 0.25
+    bottleneck: str = "gumbel_softmax"
+    temperature_start: float = 2.0
+    temperature_end: float = 0.3
+    local_optimizer: str = "sgd"
+    local_steps: int = 30
+    server_optimizer: str = "adam"
+    server_lr: float = 0.03
+    drift_correction: str = "scaffold"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -165,11 +207,39 @@ class AESettings:
             raise ConfigError(f"model.ae_prox_mu={self.prox_mu} should be >= 0 (0: FedAvg).")
         if self.device not in DEVICES:
             raise ConfigError(f"model.device={self.device!r} should be one of {DEVICES}.")
+        choices = {"bottleneck": (self.bottleneck, BOTTLENECKS),
+                   "local_optimizer": (self.local_optimizer, LOCAL_OPTIMIZERS),
+                   "server_optimizer": (self.server_optimizer, SERVER_OPTIMIZERS),
+                   "drift_correction": (self.drift_correction, DRIFT_CORRECTIONS)}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"model.autoencoder.{key}={value!r} should be one of "
+                                  f"{allowed}.")
+        if not (self.temperature_start > 0 and self.temperature_end > 0):
+            raise ConfigError(f"model.autoencoder.temperature_start/_end="
+                              f"{self.temperature_start}/{self.temperature_end} should be > 0.")
+        if not self.server_lr > 0:
+            raise ConfigError(f"model.autoencoder.server_lr={self.server_lr} should be > 0.")
+        if int(self.local_steps) < 0:
+            raise ConfigError(f"model.autoencoder.local_steps={self.local_steps} should be "
+                              ">= 0 (0: local_epochs passes).")
+
+    @property
+    def control_variates(self) -> bool:
+        """Whether ``ae_train`` carries SCAFFOLD's gradient sums (instruction and reply)."""
+        return self.drift_correction == "scaffold"
+
+    def temperature(self, train_round: int) -> float:
+        """Gumbel-softmax temperature of training round ``train_round`` (0-based)."""
+        fraction = min(1.0, max(0, int(train_round)) / max(1, int(self.rounds) - 1))
+        return float(self.temperature_start
+                     * (self.temperature_end / self.temperature_start) ** fraction)
 
     def architecture(self) -> dict[str, Any]:
         """Return what fixes the flat parameter layout (recorded in plans and model files)."""
         return {"id": ARCHITECTURE_ID, "hidden": [int(h) for h in self.hidden],
-                "embed_dim": int(self.embed_dim), "category_dim": int(self.category_dim)}
+                "embed_dim": int(self.embed_dim), "category_dim": int(self.category_dim),
+                "bottleneck": self.bottleneck}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -192,6 +262,10 @@ class AESettings:
             got = sorted(raw) if isinstance(raw, dict) else raw
             raise ValueError(f"autoencoder plan keys {got!r}; expected {sorted(known)}")
         for name, value in raw.items():
+            if name in _CHOICE_FIELDS:
+                if not isinstance(value, str):
+                    raise ValueError(f"autoencoder plan {name}={value!r}")
+                continue
             values = value if name == "hidden" else [value]
             if not isinstance(values, list) or not all(
                     isinstance(v, int | float) and not isinstance(v, bool) for v in values):
@@ -200,6 +274,10 @@ class AESettings:
             return cls(**{**raw, "hidden": tuple(raw["hidden"]), "device": device})
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
+
+
+_CHOICE_FIELDS = ("bottleneck", "local_optimizer", "server_optimizer", "drift_correction")
+"""The settings that are names, not numbers, in a plan."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -281,25 +359,39 @@ class TabularAutoencoder(nn.Module):
         return torch.cat(parts, dim=1), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedding of a standardised record batch, shape (batch, embed_dim)."""
-        inputs, _ = self._inputs(x)
-        return torch.tanh(self.encoder(inputs))
+        """Embedding of a standardised record batch, shape (batch, embed_dim).
 
-    def loss(self, x: torch.Tensor, noise: torch.Generator | None = None) -> torch.Tensor:
+        ``tanh``: the bounded code; ``gumbel_softmax``: the code probabilities.
+        """
+        inputs, _ = self._inputs(x)
+        logits = self.encoder(inputs)
+        if self.settings.bottleneck == "gumbel_softmax":
+            return torch.softmax(logits, dim=1)
+        return torch.tanh(logits)
+
+    def loss(self, x: torch.Tensor, noise: torch.Generator | None = None, *,
+             temperature: float = 1.0) -> torch.Tensor:
         """Mean reconstruction loss per record and original feature (each type its own loss).
 
-        With ``noise`` (training), ``latent_noise`` Gaussian noise drawn from that generator is
-        added to the bottleneck.
+        With ``noise`` (training) the bottleneck is sampled from that generator: ``tanh``
+        gets ``latent_noise`` Gaussian noise, ``gumbel_softmax`` becomes a Gumbel-softmax
+        sample at ``temperature``. Without, the decoder reads :meth:`encode`'s code.
         """
         lay = self.layout
         inputs, indices = self._inputs(x)
-        code = torch.tanh(self.encoder(inputs))
-        if noise is not None and self.settings.latent_noise > 0:
-            # A noisy, bounded bottleneck carries only a few distinguishable codes: the model
-            # spends them on the structure shared by many features (the segments) and places
-            # distinct codes far apart, which is what k-means in the embedding needs.
-            code = code + self.settings.latent_noise * torch.randn(
-                code.shape, generator=noise, device=code.device, dtype=code.dtype)
+        logits = self.encoder(inputs)
+        if self.settings.bottleneck == "gumbel_softmax":
+            if noise is not None:
+                u = torch.rand(logits.shape, generator=noise, device=logits.device,
+                               dtype=logits.dtype).clamp(1e-6, 1.0 - 1e-6)
+                logits = (logits - torch.log(-torch.log(u))) / temperature
+            code = torch.softmax(logits, dim=1)
+        else:
+            code = torch.tanh(logits)
+            if noise is not None and self.settings.latent_noise > 0:
+                # A noisy, bounded bottleneck carries only a few distinguishable codes.
+                code = code + self.settings.latent_noise * torch.randn(
+                    code.shape, generator=noise, device=code.device, dtype=code.dtype)
         out = self.decoder(code)
         n_num, n_bool = len(lay.numeric), len(lay.boolean)
         total = torch.zeros((), dtype=out.dtype, device=out.device)
@@ -363,6 +455,9 @@ class LocalTraining:
         CPU-side wall time of the local training.
     steps : int
         Optimiser steps taken.
+    gradient_sum : ndarray of shape (n_params,) or None
+        With control variates: the sum over the site's records of the training loss's gradient
+        at the global parameters (``n_i * c_i`` of the next round's SCAFFOLD correction).
     """
 
     params: NDArray[np.float64]
@@ -371,6 +466,36 @@ class LocalTraining:
     seconds: float
     steps: int = 0
     history: list[float] = field(default_factory=list)
+    gradient_sum: NDArray[np.float64] | None = None
+
+
+def mean_gradient(
+    model: TabularAutoencoder, data: torch.Tensor, noise: torch.Generator, *,
+    temperature: float, chunk: int = 4096,
+) -> list[torch.Tensor]:
+    """Mean over ``data`` of the training loss's gradient at ``model``'s current parameters."""
+    n = data.shape[0]
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for start in range(0, n, chunk):
+        batch = data[start:start + chunk]
+        model.zero_grad(set_to_none=True)
+        (model.loss(batch, noise, temperature=temperature) * (batch.shape[0] / n)).backward()
+        for t, p in zip(total, model.parameters(), strict=True):
+            if p.grad is not None:
+                t.add_(p.grad)
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def _unflatten(flat: NDArray[np.float64], model: TabularAutoencoder) -> list[torch.Tensor]:
+    """Split a flat vector into tensors shaped (and placed) like ``model``'s parameters."""
+    out, offset = [], 0
+    for p in model.parameters():
+        n = p.numel()
+        out.append(torch.from_numpy(np.ascontiguousarray(flat[offset:offset + n]))
+                   .reshape(p.shape).to(p))
+        offset += n
+    return out
 
 
 def local_train(
@@ -380,6 +505,9 @@ def local_train(
     layout: TabularLayout,
     settings: AESettings,
     rng: np.random.Generator,
+    train_round: int = 0,
+    anchor: NDArray[np.float64] | None = None,
+    control: NDArray[np.float64] | None = None,
 ) -> LocalTraining:
     """Train from the global parameters on one site's standardised records.
 
@@ -390,9 +518,17 @@ def local_train(
         :func:`standardise` output.
     layout : TabularLayout
     settings : AESettings
-        ``local_epochs``, ``batch_size``, ``lr``, ``prox_mu`` and ``device`` are used.
+        Everything but the server's part (``server_*``, ``rounds`` beyond the temperature).
     rng : numpy.random.Generator
-        Mini-batch order.
+        Mini-batch order and bottleneck noise.
+    train_round : int, default=0
+        Index of this training round in the run: sets the Gumbel-softmax temperature.
+    anchor, control : ndarray of shape (n_params,), optional
+        SCAFFOLD (``drift_correction=scaffold``): the previous round's global parameters and
+        all sites' mean gradient ``c`` there. Each local gradient gets ``c - c_i`` added,
+        ``c_i`` this site's mean gradient at ``anchor``. A zero ``control`` (the first round)
+        means no correction. The site's own gradient sum at ``global_params`` is returned
+        for the next round's ``c``.
     """
     started = time.perf_counter()
     device = resolve_device(settings.device)
@@ -401,32 +537,60 @@ def local_train(
     model.to(device)
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = data.shape[0]
+    temperature = settings.temperature(train_round)
     with torch.no_grad():
         loss_sum = float(sum(model.loss(data[i:i + 8192]).item() * data[i:i + 8192].shape[0]
                              for i in range(0, n, 8192)))
-    anchor = [p.detach().clone() for p in model.parameters()]
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     noise = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+    gradient_sum = None
+    correction: list[torch.Tensor] | None = None
+    if settings.control_variates:
+        own = mean_gradient(model, data, noise, temperature=temperature)
+        gradient_sum = n * torch.cat([g.reshape(-1) for g in own]).double().cpu().numpy()
+        if control is not None and anchor is not None and np.any(control != 0):
+            at_anchor = TabularAutoencoder(layout, settings)
+            at_anchor.set_flat(anchor)
+            at_anchor.to(device)
+            mine = mean_gradient(at_anchor, data, noise, temperature=temperature)
+            correction = [c - g for c, g in
+                          zip(_unflatten(control, model), mine, strict=True)]
+    anchor_params = [p.detach().clone() for p in model.parameters()]
+    if settings.local_optimizer == "sgd":
+        optimiser: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    else:
+        optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    n_steps = int(settings.local_steps) or settings.local_epochs * -(-n // settings.batch_size)
     steps = 0
     history = []
-    for _ in range(settings.local_epochs):
-        order = torch.from_numpy(rng.permutation(n)).to(device)
-        epoch_loss = 0.0
-        for start in range(0, n, settings.batch_size):
-            batch = data[order[start:start + settings.batch_size]]
-            loss = model.loss(batch, noise)
-            if settings.prox_mu > 0:
-                prox = sum(((p - a) ** 2).sum() for p, a in
-                           zip(model.parameters(), anchor, strict=True))
-                loss = loss + 0.5 * settings.prox_mu * prox
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            steps += 1
-            epoch_loss += float(loss.item()) * batch.shape[0]
-        history.append(epoch_loss / max(1, n))
+    epoch_loss, epoch_count = 0.0, 0
+    order = torch.from_numpy(rng.permutation(n)).to(device)
+    start = 0
+    while steps < n_steps:
+        if start >= n:  # a pass is over: a fresh order
+            history.append(epoch_loss / max(1, epoch_count))
+            epoch_loss, epoch_count = 0.0, 0
+            order, start = torch.from_numpy(rng.permutation(n)).to(device), 0
+        batch = data[order[start:start + settings.batch_size]]
+        start += settings.batch_size
+        loss = model.loss(batch, noise, temperature=temperature)
+        if settings.prox_mu > 0:
+            prox = sum(((p - a) ** 2).sum() for p, a in
+                       zip(model.parameters(), anchor_params, strict=True))
+            loss = loss + 0.5 * settings.prox_mu * prox
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if correction is not None:
+            for p, c in zip(model.parameters(), correction, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(c)
+        optimiser.step()
+        steps += 1
+        epoch_loss += float(loss.item()) * batch.shape[0]
+        epoch_count += batch.shape[0]
+    history.append(epoch_loss / max(1, epoch_count))
     return LocalTraining(params=model.get_flat(), loss_sum=loss_sum, n_records=n,
-                         seconds=time.perf_counter() - started, steps=steps, history=history)
+                         seconds=time.perf_counter() - started, steps=steps, history=history,
+                         gradient_sum=gradient_sum)
 
 
 def embed(

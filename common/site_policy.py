@@ -115,7 +115,7 @@ class SitePolicy:
     dp_delta: float = 1e-6
     max_customers: int = 10_000_000
     dp_max_relied_sites: int = 0
-    max_ae_rounds: int = 100
+    max_ae_rounds: int = 300
     max_ae_epochs: int = 10
     max_ae_params: int = 200_000
     max_embed_dim: int = 16
@@ -498,14 +498,24 @@ class SiteSession:
         self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
         groups: int,
     ) -> None:
-        """``ae_kmeans``: [mean, std, weights] (+ [embedding mean, std, centres] later)."""
+        """``ae_kmeans``: [mean, std, weights] (+ [embedding mean, std, centres] later).
+
+        ``ae_train`` with SCAFFOLD also carries [anchor weights, mean gradient there], each of
+        the weights' length.
+        """
         settings, n_params = plan.ae_settings()
         d, m = len(plan.features), settings.embed_dim
         arrays = [np.asarray(a, dtype=np.float64) for a in instruction]
         training = phase in (Phase.AE_TRAIN, Phase.EMBED)
-        if len(arrays) != (3 if training else 6):
+        scaffold = phase is Phase.AE_TRAIN and settings.control_variates
+        wanted = 5 if scaffold else 3 if training else 6
+        if len(arrays) != wanted:
             raise SiteRefusal("protocol", f"phase {phase.value} of an autoencoder run needs "
-                              f"{3 if training else 6} arrays; got {len(arrays)}.")
+                              f"{wanted} arrays; got {len(arrays)}.")
+        if scaffold and any(a.shape != (n_params,) for a in arrays[3:]):
+            raise SiteRefusal("protocol", f"phase {phase.value}: SCAFFOLD arrays of shapes "
+                              f"{[a.shape for a in arrays[3:]]}; the plan allows "
+                              f"[({n_params},), ({n_params},)].")
         mean, std, weights = arrays[:3]
         if mean.shape != (d,) or std.shape != (d,) or weights.shape != (n_params,):
             raise SiteRefusal("protocol", f"phase {phase.value}: arrays of shapes "

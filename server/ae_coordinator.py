@@ -1,9 +1,12 @@
 """Server-side state machine of ``model=ae_kmeans``, free of Flower.
 
 Phases: ``moments`` (global scaling of the features) -> ``ae_train`` rounds (each site trains
-the autoencoder from the global weights for a few local epochs and sends ``n_i * w_i`` and
-``n_i`` inside the exact secure sum, so the server learns only the customer-weighted average
-``sum(n_i w_i) / sum(n_i)`` -- FedAvg, or FedProx when ``prox_mu > 0``) -> ``embed`` (secure
+the autoencoder from the global weights for a few local steps and sends ``n_i * w_i`` and
+``n_i`` -- with SCAFFOLD also ``n_i * c_i``, the sum of its customers' loss gradients at the
+global weights -- inside the exact secure sum, so the server learns only the customer-weighted
+averages ``sum(n_i w_i) / sum(n_i)`` and ``c = sum(n_i c_i) / sum(n_i)``; it moves the global
+weights towards the average (FedAvg) or by Adam on the difference (FedAdam) and sends ``c`` and
+the weights it was measured at with the next round) -> ``embed`` (secure
 moments of the embedding) -> ``init`` / ``lloyd`` (the existing federated k-means, reused as
 :class:`~server.coordinator.KMeansCoordinator`, in the standardised embedding) -> ``profile``
 (per-segment sums of the *original* features, so the segments read as today). The segment
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.autoencoder import AESettings, TabularLayout, build_model, n_params
+from common.autoencoder import SERVER_ADAM, AESettings, TabularLayout, build_model, n_params
 from common.errors import ProtocolError
 from common.features import FeatureSpec
 from common.protocol import Phase, ae_instruction_shapes, reply_shapes
@@ -61,6 +64,7 @@ class AEKMeansCoordinator(CoordinatorViews):
     model_stats: ProfileStats | None = None
     ae_rounds: int = 0
     ae_loss: list[float] = field(default_factory=list)
+    ae_gradient_norm: list[float] = field(default_factory=list)
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -69,6 +73,12 @@ class AEKMeansCoordinator(CoordinatorViews):
         self.layout = TabularLayout.from_features(self.features)
         self.n_params = n_params(self.layout, self.ae)
         self.weights: NDArray[np.float64] = build_model(self.layout, self.ae).get_flat()
+        # SCAFFOLD: the global mean gradient (zero: none measured yet) and the weights it was
+        # measured at; FedAdam: the server optimiser's moments.
+        self.control = np.zeros(self.n_params)
+        self.anchor = self.weights.copy()
+        self._adam_m = np.zeros(self.n_params)
+        self._adam_v = np.zeros(self.n_params)
         self.embedding_features = tuple(
             FeatureSpec(name=f"embedding_{i}") for i in range(self.ae.embed_dim))
 
@@ -107,6 +117,8 @@ class AEKMeansCoordinator(CoordinatorViews):
             return self.phase.value, [], 1
         assert self.scaler is not None
         base = [self.scaler.mean, self.scaler.std, self.weights]
+        if self.phase is Phase.AE_TRAIN and self.ae.control_variates:
+            return self.phase.value, [*base, self.anchor, self.control], 1
         if self.phase in (Phase.AE_TRAIN, Phase.EMBED):
             return self.phase.value, base, 1
         assert self.inner is not None and self.inner.scaler is not None \
@@ -121,13 +133,15 @@ class AEKMeansCoordinator(CoordinatorViews):
         d, m = self.n_features, self.ae.embed_dim
         return reply_shapes(self.phase, n_centres=self.n_centres(),
                             n_features=d if self.phase is Phase.MOMENTS else m,
-                            n_params=self.n_params, n_profile=d)
+                            n_params=self.n_params, n_profile=d,
+                            control_variates=self.ae.control_variates)
 
     def expected_instruction_shapes(self) -> list[tuple[int, ...]]:
         """Public shapes of the instruction arrays in the current phase."""
         return ae_instruction_shapes(self.phase, n_centres=self.n_centres(),
                                      n_features=self.n_features, n_params=self.n_params,
-                                     embed_dim=self.ae.embed_dim)
+                                     embed_dim=self.ae.embed_dim,
+                                     control_variates=self.ae.control_variates)
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -174,12 +188,20 @@ class AEKMeansCoordinator(CoordinatorViews):
 
     def _ae_step(self, sums: list[NDArray[np.float64]], record: RoundRecord, *,
                  expected: float | None, server_round: int, num_sites: int) -> None:
-        """FedAvg / FedProx update: the customer-weighted mean of the sites' trained weights."""
-        weighted, count, loss = (np.asarray(a, dtype=np.float64) for a in sums)
+        """One server update from the customer-weighted mean of the sites' trained weights.
+
+        ``average``: the mean becomes the global weights (FedAvg / FedProx); ``adam``: Adam
+        (:data:`common.autoencoder.SERVER_ADAM`) steps along the mean's difference to the
+        global weights. With SCAFFOLD the mean gradient ``sum(n_i c_i) / sum(n_i)`` at the
+        weights just sent becomes the next round's control.
+        """
+        weighted, count, loss = (np.asarray(a, dtype=np.float64) for a in sums[:3])
+        gradient = np.asarray(sums[3], dtype=np.float64) if len(sums) > 3 else None
         tol = num_sites * 2.0**-20
         where = f"round {server_round} (ae_train)"
         n = float(count[0])
         if not (np.all(np.isfinite(weighted)) and np.isfinite(n) and np.isfinite(loss[0])) \
+                or (gradient is not None and not np.all(np.isfinite(gradient))) \
                 or n < 1 or abs(n - round(n)) > tol or loss[0] < -tol \
                 or (expected is not None and abs(n - expected) > tol):
             raise ProtocolError(
@@ -187,7 +209,19 @@ class AEKMeansCoordinator(CoordinatorViews):
                 " not the moments round's, or a negative loss). A site's mask generator or "
                 "encoding does not match the server's, or a site is faulty; nothing is "
                 "published.")
-        self.weights = weighted / n
+        average = weighted / n
+        sent = self.weights
+        if self.ae.server_optimizer == "adam":
+            beta1, beta2, eps = SERVER_ADAM
+            delta = average - sent
+            self._adam_m = beta1 * self._adam_m + (1.0 - beta1) * delta
+            self._adam_v = beta2 * self._adam_v + (1.0 - beta2) * delta * delta
+            self.weights = sent + self.ae.server_lr * self._adam_m / (np.sqrt(self._adam_v) + eps)
+        else:
+            self.weights = average
+        if gradient is not None:
+            self.control, self.anchor = gradient / n, sent
+            self.ae_gradient_norm.append(float(np.linalg.norm(self.control)))
         record.cost = float(loss[0] / n)  # mean reconstruction loss at the weights sent
         self.ae_loss.append(record.cost)
         self.ae_rounds += 1
@@ -207,7 +241,11 @@ class AEKMeansCoordinator(CoordinatorViews):
             "autoencoder": {**self.ae.to_dict(), "n_params": self.n_params,
                             "architecture": self.ae.architecture(),
                             "loss_per_round": list(self.ae_loss),
-                            "client_drift_fix": "fedprox" if self.ae.prox_mu > 0 else "none"},
+                            "gradient_norm_per_round": list(self.ae_gradient_norm),
+                            "client_drift_fix": ", ".join(
+                                [fix for fix, on in (("fedprox", self.ae.prox_mu > 0),
+                                                     ("scaffold", self.ae.control_variates))
+                                 if on]) or "none"},
             "k_requested": self.settings.k,
             "init": self.settings.init,
             "n_init": self.settings.n_init,

@@ -11,10 +11,13 @@ against the true segments of
 
 * ``kmeans``: fedseg's federated k-means on one-hot + standardised features (run in-process,
   :func:`simulations.inprocess.run_inprocess`; its sums equal SecAgg+'s to ``2**-24``);
-* ``ae fedavg`` / ``ae fedprox``: the federated autoencoder + k-means in its embedding, run
-  in-process (:func:`simulations.inprocess.run_inprocess_ae`) with ``prox_mu = 0`` and
-  ``--prox-mu``;
-* ``ae central``: the same code with one site holding the pooled data (a trusted curator);
+* ``ae federated``: the federated autoencoder + k-means in its embedding with the default
+  settings (Gumbel-softmax bottleneck, local SGD with SCAFFOLD's correction, server Adam), run
+  in-process (:func:`simulations.inprocess.run_inprocess_ae`);
+* ``ae central``: the same code and settings with one site holding the pooled data (a trusted
+  curator);
+* ``ae first design``: the first recipe, federated (:data:`FIRST_DESIGN`: FedAvg of two local
+  Adam epochs through a noisy 2-d ``tanh`` bottleneck, 20 rounds), for comparison;
 * with ``--flower``: ``python -m simulations.run model=ae_kmeans privacy=secagg data=mixed``
   -- a real Flower simulation with SecAgg+ -- its ARI, seconds, and per-site CPU seconds and
   upload bytes per training round from its ``metrics.jsonl``.
@@ -61,13 +64,18 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
     return ari, time.perf_counter() - started
 
 
-def _flower_run(seed: int, customers: int, prox_mu: float) -> dict[str, Any]:
+FIRST_DESIGN = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
+                "local_optimizer": "adam", "local_steps": 0, "local_epochs": 2,
+                "server_optimizer": "average", "drift_correction": "none"}
+"""The first ``model=ae_kmeans`` recipe (2026-11-30), as :class:`AESettings` changes."""
+
+
+def _flower_run(seed: int, customers: int) -> dict[str, Any]:
     from common.config import compose_config
     from simulations.run import run
 
     cfg = compose_config(f"model=ae_kmeans privacy=secagg data=mixed seed={seed} "
-                         f"data.num_customers={customers} centralized_reference=false "
-                         f"model.autoencoder.prox_mu={prox_mu}")
+                         f"data.num_customers={customers} centralized_reference=false")
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(cfg, output_dir=tmp)
         metrics = [json.loads(line) for line in
@@ -83,7 +91,10 @@ def _flower_run(seed: int, customers: int, prox_mu: float) -> dict[str, Any]:
 
 
 def local_round_seconds(ae: AESettings, *, customers: int = 20_000, reps: int = 3) -> float:
-    """Median seconds of one round of local training on ``customers`` mixed-type records."""
+    """Median seconds of one round of local training on ``customers`` mixed-type records.
+
+    With SCAFFOLD the round includes both gradient passes (at the weights and at the anchor).
+    """
     population = MixedCustomers(num_customers=int(customers / 0.88)).load(seed=0)
     raw = population.raw[:customers]
     layout = TabularLayout.from_features(population.features)
@@ -93,7 +104,8 @@ def local_round_seconds(ae: AESettings, *, customers: int = 20_000, reps: int = 
     times = []
     for rep in range(reps):
         started = time.perf_counter()
-        local_train(params, x, layout=layout, settings=ae, rng=np.random.default_rng(rep))
+        local_train(params, x, layout=layout, settings=ae, rng=np.random.default_rng(rep),
+                    anchor=params, control=np.full_like(params, 1e-3))
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -103,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--customers", type=int, default=30_000)
-    parser.add_argument("--prox-mu", type=float, default=0.01)
     parser.add_argument("--flower", action="store_true",
                         help="also run real Flower simulations with SecAgg+ (minutes each)")
     args = parser.parse_args(argv)
@@ -122,23 +133,25 @@ def main(argv: list[str] | None = None) -> None:
             seeded = replace(ae, seed=seed)
             row: dict[str, Any] = {"data": data_name, "seed": seed, "sites": len(parts)}
             row["kmeans"] = _kmeans_ari(population, parts, settings)
-            row["ae fedavg"], row["s fedavg"] = _ae_ari(population, parts, settings, seeded)
-            row["ae fedprox"], _ = _ae_ari(population, parts, settings,
-                                           replace(seeded, prox_mu=args.prox_mu))
-            row["ae central"], _ = _ae_ari(population, [np.arange(population.raw.shape[0])],
-                                           settings, seeded)
+            row["ae federated"], row["s federated"] = _ae_ari(population, parts, settings,
+                                                              seeded)
+            row["ae central"], row["s central"] = _ae_ari(
+                population, [np.arange(population.raw.shape[0])], settings, seeded)
+            row["ae first design"], _ = _ae_ari(population, parts, settings,
+                                                replace(seeded, **FIRST_DESIGN))
             if args.flower and data_name == "mixed":
-                row["flower"] = _flower_run(seed, args.customers, 0.0)
+                row["flower"] = _flower_run(seed, args.customers)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| data | seed | sites | kmeans ARI | ae FedAvg ARI | ae FedProx ARI "
-          f"(mu={args.prox_mu:g}) | ae central ARI | SecAgg+ Flower run ARI |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| data | seed | sites | kmeans ARI | ae federated ARI | ae central ARI | "
+          "federated - central | ae first design (federated) ARI | SecAgg+ Flower run ARI |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         flower = r.get("flower", {}).get("ari")
         print(f"| {r['data']} | {r['seed']} | {r['sites']} | {r['kmeans']:.3f} | "
-              f"{r['ae fedavg']:.3f} | {r['ae fedprox']:.3f} | {r['ae central']:.3f} | "
+              f"{r['ae federated']:.3f} | {r['ae central']:.3f} | "
+              f"{r['ae federated'] - r['ae central']:+.3f} | {r['ae first design']:.3f} | "
               + ("-" if flower is None else f"{flower:.3f}") + " |")
     flower_rows = [r for r in rows if "flower" in r]
     if flower_rows:
@@ -152,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{f['cpu_per_site_round']:.2f} / {f['cpu_max_site_round']:.2f} | "
                   f"{f['bytes_per_site_round']:,.0f} |")
     print()
-    print(f"one round of local training on 20,000 customers ({ae.local_epochs} epochs): "
+    work = (f"{ae.local_steps} steps of {ae.batch_size}" if ae.local_steps
+            else f"{ae.local_epochs} epochs")
+    print(f"one round of local training on 20,000 customers ({work}"
+          f"{', SCAFFOLD gradient passes' if ae.control_variates else ''}): "
           f"{local_round_seconds(ae):.2f} s (median of 3)")
 
 

@@ -38,7 +38,9 @@ FEATURES = (
     FeatureSpec(name="channel=app", kind="category", group="channel"),
 )
 SMALL = AESettings(hidden=(8,), embed_dim=2, category_dim=2, local_epochs=2, batch_size=32,
-                   lr=1e-2, rounds=3, device="cpu")
+                   lr=1e-2, rounds=3, device="cpu", bottleneck="tanh", local_optimizer="adam",
+                   local_steps=0, server_optimizer="average", drift_correction="none")
+"""The first design (FedAvg of local Adam epochs through a noisy tanh bottleneck), small."""
 
 
 def _records(n: int, seed: int = 0) -> np.ndarray:
@@ -412,3 +414,102 @@ def test_a_site_answers_a_training_round_with_weighted_weights_count_and_loss(tm
     from client.audit import COMPUTE_RECORD
 
     assert client.context.state.config_records[COMPUTE_RECORD]["cpu_seconds"] >= 0
+
+
+# --------------------------------------------------------------------------- the default recipe
+
+RECIPE = AESettings(hidden=(8,), embed_dim=2, category_dim=2, batch_size=32, local_steps=5,
+                    rounds=3, device="cpu")
+"""The default recipe (Gumbel-softmax codes, local SGD + SCAFFOLD, server Adam), small."""
+
+
+def test_the_gumbel_softmax_bottleneck_anneals_and_embeds_on_the_simplex():
+    assert RECIPE.bottleneck == "gumbel_softmax" and RECIPE.control_variates
+    assert RECIPE.temperature(0) == pytest.approx(RECIPE.temperature_start)
+    assert RECIPE.temperature(RECIPE.rounds - 1) == pytest.approx(RECIPE.temperature_end)
+    assert RECIPE.temperature_start > RECIPE.temperature(1) > RECIPE.temperature_end
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(100))
+    z = embed(build_model(layout, RECIPE).get_flat(), x, layout=layout, settings=RECIPE)
+    assert z.shape == (100, 2) and np.all(z >= 0) and np.allclose(z.sum(axis=1), 1.0)
+    assert RECIPE.architecture()["bottleneck"] == "gumbel_softmax"
+    with pytest.raises(ConfigError, match="bottleneck"):
+        AESettings(bottleneck="vq")
+    with pytest.raises(ConfigError, match="drift_correction"):
+        AESettings(drift_correction="fednova")
+    # Names travel in the plan and come back; a number where a name belongs is refused.
+    assert AESettings.from_plan_json(RECIPE.plan_json(), device="cpu") == RECIPE
+    with pytest.raises(ValueError, match="server_optimizer"):
+        AESettings.from_plan_json(json.dumps({**json.loads(RECIPE.plan_json()),
+                                              "server_optimizer": 1}))
+
+
+def test_local_sgd_takes_the_planned_steps_and_returns_the_gradient_sum():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(300))
+    start = build_model(layout, RECIPE).get_flat()
+    runs = [local_train(start, x, layout=layout, settings=RECIPE, rng=np.random.default_rng(1))
+            for _ in range(2)]
+    assert np.array_equal(runs[0].params, runs[1].params)
+    assert runs[0].steps == 5 and runs[0].gradient_sum is not None
+    assert runs[0].gradient_sum.shape == start.shape and np.any(runs[0].gradient_sum != 0)
+    # A zero control means "none measured yet": the same training as without one.
+    zero = local_train(start, x, layout=layout, settings=RECIPE, rng=np.random.default_rng(1),
+                       anchor=start, control=np.zeros_like(start))
+    assert np.array_equal(zero.params, runs[0].params)
+    # With a control the site's own gradient at the anchor is swapped for it: c - c_i.
+    corrected = local_train(start, x, layout=layout, settings=RECIPE,
+                            rng=np.random.default_rng(1), anchor=start,
+                            control=np.full_like(start, 0.1))
+    assert not np.allclose(corrected.params, runs[0].params)
+    plain = local_train(start, x, layout=layout, rng=np.random.default_rng(1),
+                        settings=AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                               "drift_correction": "none"}))
+    assert plain.gradient_sum is None
+
+
+def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructions():
+    assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=99,
+                        control_variates=True) == [(99,), (1,), (1,), (99,)]
+    assert len(reply_roles(Phase.AE_TRAIN, control_variates=True)) == 4
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    p = coordinator.n_params
+    _, arrays, _ = coordinator.instruction()
+    assert [a.shape for a in arrays] == coordinator.expected_instruction_shapes() == \
+        [(len(FEATURES),), (len(FEATURES),), (p,), (p,), (p,)]
+    assert not np.any(arrays[4])  # no control measured before the first round
+    sent = coordinator.weights.copy()
+    trained = sent + 1.0
+    coordinator.step([30 * trained, np.array([30.0]), np.array([6.0]), np.full(p, 3.0)],
+                     server_round=2, num_sites=2)
+    # Server Adam's first step moves every weight by server_lr * 0.1 / (sqrt(0.01) + eps).
+    beta1, beta2, eps = (0.9, 0.99, 1e-3)
+    step = RECIPE.server_lr * (1 - beta1) / (np.sqrt(1 - beta2) + eps)
+    assert np.allclose(coordinator.weights - sent, step)
+    _, arrays, _ = coordinator.instruction()
+    assert np.array_equal(arrays[3], sent) and np.allclose(arrays[4], 0.1)
+    session = SiteSession()
+    plan = _plan(coordinator)
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    with pytest.raises(SiteRefusal, match="needs 5 arrays"):
+        session.admit(plan, Phase.AE_TRAIN, arrays[:3], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD arrays"):
+        session.admit(plan, Phase.AE_TRAIN, [*arrays[:4], np.zeros(p - 1)], groups=1)
+    session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
+
+
+def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    plan = _plan(coordinator)
+    client = _client(tmp_path)
+    moments, _, _ = client.fit([], _config(plan, "moments"))
+    coordinator.step(moments, server_round=1, num_sites=3)
+    _, arrays, _ = coordinator.instruction()
+    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    p = coordinator.n_params
+    assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,)] and reply[1][0] == 200.0
+    coordinator.step(reply, server_round=2, num_sites=1)
+    assert np.allclose(coordinator.control, reply[3] / 200.0)
