@@ -211,9 +211,9 @@ class AESettings:
                    "local_optimizer": (self.local_optimizer, LOCAL_OPTIMIZERS),
                    "server_optimizer": (self.server_optimizer, SERVER_OPTIMIZERS),
                    "drift_correction": (self.drift_correction, DRIFT_CORRECTIONS)}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"model.autoencoder.{key}={value!r} should be one of "
+        for key, (choice, allowed) in choices.items():
+            if choice not in allowed:
+                raise ConfigError(f"model.autoencoder.{key}={choice!r} should be one of "
                                   f"{allowed}.")
         if not (self.temperature_start > 0 and self.temperature_end > 0):
             raise ConfigError(f"model.autoencoder.temperature_start/_end="
@@ -487,6 +487,13 @@ def mean_gradient(
     return total
 
 
+def _gradient_noise(settings: AESettings, train_round: int,
+                    device: torch.device) -> torch.Generator:
+    """Bottleneck noise of a site's SCAFFOLD gradient pass in ``train_round`` (reproducible)."""
+    seed = int(np.random.default_rng([int(settings.seed), int(train_round), 1]).integers(2**62))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _unflatten(flat: NDArray[np.float64], model: TabularAutoencoder) -> list[torch.Tensor]:
     """Split a flat vector into tensors shaped (and placed) like ``model``'s parameters."""
     out, offset = [], 0
@@ -545,13 +552,18 @@ def local_train(
     gradient_sum = None
     correction: list[torch.Tensor] | None = None
     if settings.control_variates:
-        own = mean_gradient(model, data, noise, temperature=temperature)
+        own = mean_gradient(model, data, _gradient_noise(settings, train_round, device),
+                            temperature=temperature)
         gradient_sum = n * torch.cat([g.reshape(-1) for g in own]).double().cpu().numpy()
         if control is not None and anchor is not None and np.any(control != 0):
+            # c_i exactly as this site sent it last round (same point, noise and temperature),
+            # so the corrections of all sites sum to zero.
             at_anchor = TabularAutoencoder(layout, settings)
             at_anchor.set_flat(anchor)
             at_anchor.to(device)
-            mine = mean_gradient(at_anchor, data, noise, temperature=temperature)
+            before = max(0, train_round - 1)
+            mine = mean_gradient(at_anchor, data, _gradient_noise(settings, before, device),
+                                 temperature=settings.temperature(before))
             correction = [c - g for c, g in
                           zip(_unflatten(control, model), mine, strict=True)]
     anchor_params = [p.detach().clone() for p in model.parameters()]

@@ -68,7 +68,8 @@ def reply_shapes(
     k, d = n_centres, n_features
     if phase is Phase.AE_TRAIN:
         # sum of customers * weights, customers, loss sum (+ sum of gradients)
-        return [(n_params,), (1,), (1,)] + ([(n_params,)] if control_variates else [])
+        shapes: list[tuple[int, ...]] = [(n_params,), (1,), (1,)]
+        return [*shapes, (n_params,)] if control_variates else shapes
     if phase in (Phase.MOMENTS, Phase.EMBED):
         return [(1,), (d,), (d,)]
     if dp:

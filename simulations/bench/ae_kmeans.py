@@ -64,9 +64,10 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
     return ari, time.perf_counter() - started
 
 
-FIRST_DESIGN = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
-                "local_optimizer": "adam", "local_steps": 0, "local_epochs": 2,
-                "server_optimizer": "average", "drift_correction": "none"}
+FIRST_DESIGN: dict[str, Any] = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
+                                 "local_optimizer": "adam", "local_steps": 0,
+                                 "local_epochs": 2, "server_optimizer": "average",
+                                 "drift_correction": "none"}
 """The first ``model=ae_kmeans`` recipe (2026-11-30), as :class:`AESettings` changes."""
 
 
