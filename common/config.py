@@ -15,9 +15,10 @@ from typing import Any, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.autoencoder import AESettings
@@ -232,9 +233,19 @@ class FederationConfig:
     num_sites: int | None = None
     backend: str = "ray"
     cpus_per_site: float = 1.0
+    ray_address: str | None = None
     site_source: str = "sqlite"
     sites_dir: str | None = None
     poll_interval: float = 0.1
+
+
+@dataclass
+class TrackingConfig:
+    """Optional experiment tracking (``server/tracking.py``)."""
+
+    mlflow: bool = False
+    uri: str | None = None
+    experiment: str = "fedseg"
 
 
 @dataclass
@@ -250,28 +261,30 @@ class RunConfig:
     site: Any = field(default_factory=SitePolicyConfig)
     seed: int = 0
     verbose: bool = False
+    quiet: bool = False
     centralized_reference: bool = True
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
-    cs.store(group="data", name="csv_schema", node=CsvDataConfig)
-    cs.store(group="data", name="mixed_schema", node=MixedDataConfig)
-    cs.store(group="data", name="contract_schema", node=ContractDataConfig)
-    cs.store(group="partition", name="by_region_schema", node=ByRegionPartitionConfig)
-    cs.store(group="partition", name="dirichlet_schema", node=DirichletPartitionConfig)
-    cs.store(group="partition", name="iid_schema", node=IidPartitionConfig)
-    cs.store(group="model", name="kmeans_schema", node=ModelConfig)
-    cs.store(group="model", name="ae_kmeans_schema", node=AEModelConfig)
-    cs.store(group="strategy", name="kmeans_schema", node=StrategyConfig)
-    cs.store(group="privacy", name="secagg_schema", node=SecAggPrivacyConfig)
-    cs.store(group="privacy", name="none_schema", node=NoPrivacyConfig)
-    cs.store(group="privacy", name="secagg_dp_schema", node=SecAggDpPrivacyConfig)
-    cs.store(group="federation", name="simulation_schema", node=FederationConfig)
-    cs.store(group="site", name="policy_schema", node=SitePolicyConfig)
+    cs.store(name="data_synthetic_schema", node=SyntheticDataConfig)
+    cs.store(name="data_csv_schema", node=CsvDataConfig)
+    cs.store(name="data_mixed_schema", node=MixedDataConfig)
+    cs.store(name="data_contract_schema", node=ContractDataConfig)
+    cs.store(name="partition_by_region_schema", node=ByRegionPartitionConfig)
+    cs.store(name="partition_dirichlet_schema", node=DirichletPartitionConfig)
+    cs.store(name="partition_iid_schema", node=IidPartitionConfig)
+    cs.store(name="model_kmeans_schema", node=ModelConfig)
+    cs.store(name="model_ae_kmeans_schema", node=AEModelConfig)
+    cs.store(name="strategy_kmeans_schema", node=StrategyConfig)
+    cs.store(name="privacy_secagg_schema", node=SecAggPrivacyConfig)
+    cs.store(name="privacy_none_schema", node=NoPrivacyConfig)
+    cs.store(name="privacy_secagg_dp_schema", node=SecAggDpPrivacyConfig)
+    cs.store(name="federation_simulation_schema", node=FederationConfig)
+    cs.store(name="site_policy_schema", node=SitePolicyConfig)
 
 
 @functools.lru_cache(maxsize=8)
@@ -289,6 +302,39 @@ def compose_config(overrides: str = "") -> DictConfig:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"could not compose the configuration with overrides "
                           f"{overrides!r}: {first}") from exc
+
+
+SIMULATION_BACKENDS = ("ray",)
+"""``federation.backend`` values: Flower 1.42's simulation engine has one backend, Ray."""
+
+_MISSING_HINTS = {
+    "data": "e.g. data=csv data.path=customers.csv data.site_column=store "
+            "data.features=[spend,visits] (see conf/data/csv.yaml)",
+}
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Refuse a composed run config with required keys unset or values no engine accepts.
+
+    Raises
+    ------
+    ConfigError
+        One line naming every unset required key (``???`` in ``conf/``), with an example; or
+        an unknown ``federation.backend``.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        groups = sorted({key.split(".")[0] for key in missing})
+        hints = "; ".join(_MISSING_HINTS[g] for g in groups if g in _MISSING_HINTS)
+        chosen = ", ".join(
+            f"{g}={HydraConfig.get().runtime.choices.get(g, '?')}" if HydraConfig.initialized()
+            else g for g in groups)
+        raise ConfigError(f"{chosen} needs {', '.join(missing)} on the command line"
+                          + (f": {hints}" if hints else "") + ".")
+    backend = str(cfg.federation.backend)
+    if backend not in SIMULATION_BACKENDS:
+        raise ConfigError(f"federation.backend={backend!r} is not a simulation backend; "
+                          f"Flower's simulation engine has {', '.join(SIMULATION_BACKENDS)}.")
 
 
 def instantiate_config(node: Any, **kwargs: Any) -> Any:

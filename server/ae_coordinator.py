@@ -182,6 +182,7 @@ class AEKMeansCoordinator(CoordinatorViews):
             inner_record = self.inner.history[-1]
             record.cost, record.shift = inner_record.cost, inner_record.shift
             record.reseeded = inner_record.reseeded
+            record.restart = inner_record.restart
             self.phase = self.inner.phase
         record.seconds = time.perf_counter() - self._round_started
         self.history.append(record)

@@ -114,6 +114,8 @@ class RoundRecord:
     cost: float | None = None
     shift: float | None = None
     reseeded: int = 0
+    restart: int | None = None
+    """Lloyd rounds: the restart (``strategy.n_init``) whose cost and shift are shown."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -295,7 +297,7 @@ class KMeansCoordinator(CoordinatorViews):
         k, d, runs = self.settings.k, self.n_features, len(self._run_state)
         stats = KMeansStats.from_arrays(sums, n_clusters=runs * k, n_features=d)
         new_all = self.centres.copy()
-        shifts = []
+        shifts = [0.0] * runs  # a frozen run does not move
         for run in range(runs):
             block = slice(run * k, (run + 1) * k)
             run_stats = stats.block(run * k, (run + 1) * k)
@@ -304,7 +306,7 @@ class KMeansCoordinator(CoordinatorViews):
                 continue  # frozen: its centres stay, its cost is re-measured each round
             new, reseeded = update_centroids(run_stats, self.centres[block])
             shift = centroid_shift(self.centres[block], new)
-            shifts.append(shift)
+            shifts[run] = shift
             record.reseeded += int(reseeded.sum())
             previous = self._previous_cost[run]
             if not reseeded.any() and has_converged(
@@ -315,17 +317,21 @@ class KMeansCoordinator(CoordinatorViews):
                 self._run_state[run] = _STOPPED
             self._previous_cost[run] = run_stats.cost
             new_all[block] = new
-        record.cost = min(self._run_cost)
-        record.shift = max(shifts) if shifts else 0.0
+        # The round line reads as one run's progress: the cost and shift of the run that is
+        # best so far (the first of equal ones), never a cost of one and a shift of another.
+        lowest = min(self._run_cost)
+        leader = next(r for r, c in enumerate(self._run_cost)
+                      if c <= lowest + TIE_RTOL * abs(lowest))
+        record.cost = self._run_cost[leader]
+        record.shift = shifts[leader]
+        record.restart = leader if runs > 1 else None
         self.centres = new_all
         self.lloyd_rounds += 1
         moving = _MOVING in self._run_state
         if not moving or self.lloyd_rounds >= self.settings.max_rounds:
             # Runs that reached the same optimum differ only by rounding: take the first of
             # them, so that the SecAgg+ and the plain path publish the same segment order.
-            best = min(self._run_cost)
-            self.best_run = next(r for r, c in enumerate(self._run_cost)
-                                 if c <= best + TIE_RTOL * abs(best))
+            self.best_run = leader
             self.converged = self._run_state[self.best_run] == _CONVERGED
             self.centres = new_all[self.best_run * k:(self.best_run + 1) * k]
             self.phase = Phase.PROFILE

@@ -22,12 +22,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from common.config import compose_config, instantiate_config
+from common.config import check_run_config, compose_config, instantiate_config
 from common.errors import ConfigError, FedsegError
 from server.app import run_federated_kmeans
-from server.coordinator import RoundRecord
 from server.grid import FastPollGrid
 from server.plan import plan_from_config
+from server.progress import RoundProgress
+from server.report import RunArtifacts, warnings_for, write_report_or_warn
+from server.tracking import log_run_or_warn, require_mlflow
 
 OVERRIDES_KEY = "fedseg-overrides"
 OUTPUT_KEY = "fedseg-output-dir"
@@ -45,19 +47,15 @@ def run_output_dir(configured: str, run_id: int) -> Path:
         f"{time.strftime('%H-%M-%S')}-run{run_id}"
 
 
-def _print_round(record: RoundRecord) -> None:
-    cost = "" if record.cost is None else f" loss={record.cost:.4f}" \
-        if record.phase == "ae_train" else f" cost={record.cost:,.1f}"
-    print(f"[fedseg] round {record.round:>2} {record.phase:<8} sites={record.num_sites}{cost} "
-          f"{record.seconds:.2f}s", flush=True)
-
-
 server_app = ServerApp()
 
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = compose_config(str(context.run_config.get(OVERRIDES_KEY, "")))
+    check_run_config(cfg)
+    if cfg.tracking.mlflow:
+        require_mlflow()
     data = instantiate_config(cfg.data)
     grid = FastPollGrid(grid, poll_interval=float(cfg.federation.poll_interval))
     nodes = len(list(grid.get_node_ids()))
@@ -69,7 +67,8 @@ def _server_main(grid: Grid, context: Context) -> None:
         )
     plan = plan_from_config(cfg, features=data.feature_specs(), num_sites=int(num_sites))
     try:
-        result = run_federated_kmeans(grid, context, plan, on_round=_print_round)
+        with RoundProgress(total_rounds=plan.max_rounds, quiet=bool(cfg.quiet)) as progress:
+            result = run_federated_kmeans(grid, context, plan, on_round=progress.on_round)
     except FedsegError as exc:
         print(f"[fedseg] run failed: {exc}", flush=True)
         raise
@@ -86,10 +85,17 @@ def _server_main(grid: Grid, context: Context) -> None:
         "seconds": result.seconds, "num_sites": plan.num_sites, "k": plan.settings.k,
         "secagg": plan.secagg is not None, "finished_at": time.time(),
         "sites": result.sites, "dropouts": result.dropouts,
+        "converged": result.coordinator.converged,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     for segment in result.model.segments:
         print(f"[fedseg] {segment.name:<44} {segment.size:>7}", flush=True)
+    for warning in warnings_for(RunArtifacts(model=result.model, summary=summary)):
+        print(f"[fedseg] warning: {warning}", flush=True)
+    report = write_report_or_warn(out, say=lambda line: print(f"[fedseg] {line}", flush=True))
     print(f"[fedseg] segment model: {(out / 'segments.json').resolve()}", flush=True)
+    if report is not None:
+        print(f"[fedseg] report: {report.resolve()}", flush=True)
     print(f"[fedseg] run directory: {out.resolve()} (segments.json, summary.json, "
-          "metrics.jsonl, config.resolved.yaml)", flush=True)
+          "metrics.jsonl, config.resolved.yaml, report.html)", flush=True)
+    log_run_or_warn(out, cfg, say=lambda line: print(f"[fedseg] {line}", flush=True))

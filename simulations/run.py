@@ -40,15 +40,22 @@ from common.autoencoder import (
     local_train,
     standardise,
 )
-from common.config import instantiate_config, register_configs
+from common.config import check_run_config, instantiate_config, register_configs
 from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
 from common.features import apply_transforms
 from common.kmeans import compute_stats
 from common.site_policy import SitePolicy, policy_summary, site_policy_from_config
 from server.app import RunResult, make_server_app
-from server.coordinator import RoundRecord
 from server.plan import plan_from_config
+from server.progress import RoundProgress
+from server.report import (
+    RunArtifacts,
+    audit_bytes_by_site,
+    warnings_for,
+    write_report_or_warn,
+)
+from server.tracking import log_run_or_warn, require_mlflow
 from simulations.datasets import Population
 from simulations.site_sources import GatedSites, write_sites
 
@@ -59,20 +66,6 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def _say(message: str) -> None:
     print(f"[fedseg] {message}", flush=True)
-
-
-def _print_round(record: RoundRecord) -> None:
-    parts = [f"round {record.round:>2} {record.phase:<8} sites={record.num_sites}"]
-    if record.cost is not None and record.phase == "ae_train":
-        parts.append(f"loss={record.cost:.4f}")
-    elif record.cost is not None:
-        parts.append(f"cost={record.cost:,.1f}")
-    if record.shift is not None:
-        parts.append(f"shift={record.shift:.2e}")
-    if record.reseeded:
-        parts.append(f"reseeded={record.reseeded}")
-    parts.append(f"{record.seconds:.2f}s")
-    _say("  ".join(parts))
 
 
 def _quiet_flower(verbose: bool) -> None:
@@ -195,20 +188,12 @@ def _audit_compute(audit_dir: Path) -> dict[int, list[float]]:
 
 def _audit_bytes(audit_dir: Path) -> tuple[dict[int, list[int]], int]:
     """Per round, the bytes each site sent (from the sites' audit logs); and message count."""
-    per_round_site: dict[tuple[int, str], int] = defaultdict(int)
-    messages = 0
-    for log_file in sorted(audit_dir.glob("site-*.jsonl")):
-        for line in log_file.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            messages += 1
-            try:
-                rnd = int(entry["round"])
-            except (TypeError, ValueError):
-                continue
-            per_round_site[(rnd, entry["site"])] += int(entry["bytes"])
     by_round: dict[int, list[int]] = defaultdict(list)
-    for (rnd, _), size in per_round_site.items():
-        by_round[rnd].append(size)
+    for rounds in audit_bytes_by_site(audit_dir).values():
+        for rnd, size in rounds.items():
+            by_round[rnd].append(size)
+    messages = sum(len(log.read_text(encoding="utf-8").splitlines())
+                   for log in sorted(audit_dir.glob("site-*.jsonl")))
     return by_round, messages
 
 
@@ -240,6 +225,9 @@ def run(
     from flwr.simulation import run_simulation
 
     started = time.perf_counter()
+    check_run_config(cfg)
+    if cfg.tracking.mlflow:
+        require_mlflow()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _quiet_flower(bool(cfg.verbose))
@@ -283,7 +271,8 @@ def run(
     audit_dir = out / "audit"
     shutil.rmtree(audit_dir, ignore_errors=True)  # a rerun into the same directory starts afresh
     results: list[RunResult] = []
-    server_app = make_server_app(plan, on_result=results.append, on_round=_print_round,
+    progress = RoundProgress(total_rounds=plan.max_rounds, quiet=bool(cfg.quiet))
+    server_app = make_server_app(plan, on_result=results.append, on_round=progress.on_round,
                                  coordinator_factory=coordinator_factory)
     for stale in ("site-logs", "site-state"):
         shutil.rmtree(out / stale, ignore_errors=True)
@@ -311,13 +300,26 @@ def run(
     )
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": float(cfg.federation.cpus_per_site), "num_gpus": 0.0},
-        "init_args": {"log_to_driver": bool(cfg.verbose), "include_dashboard": False},
+        # address "local": always a new Ray instance for this run. Without it Ray connects to
+        # whatever cluster /tmp/ray/ray_current_cluster names (any `ray start` on this machine,
+        # even one long stopped) and the run hangs or lands on someone else's cluster.
+        "init_args": {"address": "local", "log_to_driver": bool(cfg.verbose),
+                      "include_dashboard": False},
     }
-    _say("starting Flower simulation engine ...")
+    if cfg.federation.ray_address:
+        # An existing cluster: its own resources and dashboard; sites need this checkout's
+        # code and the run directory at the same paths on every node (docs/SCALING.md).
+        backend_config["init_args"] = {"address": str(cfg.federation.ray_address),
+                                       "log_to_driver": bool(cfg.verbose)}
+        _say(f"starting Flower simulation engine on the Ray cluster at "
+             f"{cfg.federation.ray_address} ...")
+    else:
+        _say("starting Flower simulation engine ...")
     sim_started = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                   backend_name=str(cfg.federation.backend), backend_config=backend_config,
-                   verbose_logging=bool(cfg.verbose))
+    with progress:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                       backend_name=str(cfg.federation.backend), backend_config=backend_config,
+                       verbose_logging=bool(cfg.verbose))
     sim_seconds = time.perf_counter() - sim_started
     if not results or results[0].model is None:
         raise FedsegError("the simulation ended without a segment model; see the log above.")
@@ -361,6 +363,7 @@ def run(
         "converged": coordinator.converged,
         "seconds": None,
         "simulation_seconds": sim_seconds,
+        "ray_address": cfg.federation.ray_address,
         "num_sites": num_sites,
         "site_sizes": sizes,
         "num_customers": int(population.raw.shape[0]),
@@ -408,8 +411,14 @@ def run(
          + (f", central model ari_vs_truth={summary['central_ari_vs_truth']:.3f}"
             if summary.get("central_ari_vs_truth") is not None else ""))
     _print_segments(model, population)
+    for warning in warnings_for(RunArtifacts(model=model, summary=summary)):
+        _say(f"warning: {warning}")
+    report = write_report_or_warn(out, say=_say)
     _say(f"segment model: {out / 'segments.json'}")
     _say(f"summary:       {out / 'summary.json'}")
+    if report is not None:
+        _say(f"report:        {report}")
+    log_run_or_warn(out, cfg, say=_say)
     return summary
 
 

@@ -18,6 +18,8 @@ boolean feature a boolean column (``INTEGER`` 0/1 in SQLite, ``BOOLEAN`` in Parq
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +213,11 @@ def write_sites(
         raise ConfigError(f"federation.site_source={fmt!r} should be one of "
                           f"{', '.join(SOURCE_FORMATS)}.")
     contracts = tuple(sites_dir / f"site-{i}" / CONTRACT_FILE for i in range(len(parts)))
+    written_for = {"population": population.description, "sites": len(parts), "format": fmt,
+                   "fingerprint": sites_fingerprint(population, parts)}
+    marker = sites_dir / SITES_MARKER
     if all(c.is_file() for c in contracts):
+        _check_reuse(marker, written_for)
         return contracts
     features = population.features
     n_all = population.raw.shape[0]
@@ -248,7 +254,46 @@ def write_sites(
             + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
         if not (site / "site.key").exists():
             generate_key_file(site / "site.key")
+    marker.write_text(json.dumps(written_for, indent=2) + "\n", encoding="utf-8")
     return contracts
+
+
+SITES_MARKER = "fedseg-sites.json"
+"""Written beside the ``site-<i>/`` directories: which population and split they hold."""
+
+
+def sites_fingerprint(population: Any, parts: list[NDArray[np.intp]]) -> str:
+    """SHA-256 over the simulated customers and their split (what the site sources hold)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(population.raw, dtype=np.float64).tobytes())
+    for rows in parts:
+        digest.update(len(rows).to_bytes(8, "little"))
+        digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    if population.declined is not None:
+        digest.update(np.ascontiguousarray(population.declined.raw, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def _check_reuse(marker: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to reuse sites written for another population (a rerun into the same directory).
+
+    Reusing them would federate the old customers while the run reports on the new ones.
+    """
+    if not marker.is_file():  # written before fedseg recorded it: nothing to compare
+        return
+    try:
+        held = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{marker}: unreadable ({exc}); delete it to rewrite the simulated "
+                          "sites, or point federation.sites_dir elsewhere.") from exc
+    if held.get("fingerprint") != wanted["fingerprint"]:
+        raise ConfigError(
+            f"the simulated sites under {marker.parent} hold another population "
+            f"({held.get('population')!r}, {held.get('sites')} sites) than this run's "
+            f"({wanted['population']!r}, {wanted['sites']} sites): reusing them would "
+            "federate the old customers while reporting on the new ones. Use a new run "
+            f"directory, point federation.sites_dir elsewhere, or delete {marker.parent} "
+            "(its consent changes and erasures go with it).")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from tests.conftest import ROOT
+from tests.headless_browser import HeadlessBrowser, find_browser
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +25,79 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_default_main_job_meets_its_bars(tmp_path):
-    proc = _run(f"hydra.run.dir={tmp_path}")
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str],
+                                                                 Path]:
+    """The README's main job (``make simulate``), run once for the tests that read it."""
+    out = tmp_path_factory.mktemp("main-job")
+    return _run(f"hydra.run.dir={out}"), out
+
+
+def test_default_main_job_meets_its_bars(main_job):
+    proc, out = main_job
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["secagg"] is True and summary["num_sites"] >= 5
     assert summary["num_customers"] >= 40_000
     assert summary["cost_ratio"] <= 1.02
     assert summary["ari_vs_truth"] >= 0.9
     # Progress per round and the closing table are printed.
     assert "round  1 moments" in proc.stdout and "profile" in proc.stdout
-    assert f"segment model: {tmp_path / 'segments.json'}" in proc.stdout
+    assert f"segment model: {out / 'segments.json'}" in proc.stdout
     assert "High-spend" in proc.stdout or "high-spend" in proc.stdout
+    assert f"report:        {out / 'report.html'}" in proc.stdout
+
+
+def test_the_main_jobs_report_renders_in_a_real_browser(main_job):
+    """report.html in headless Chromium: table, every plot, no console error, no network."""
+    proc, out = main_job
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    segments = json.loads((out / "segments.json").read_text())["segments"]
+    page = out / "report.html"
+    assert find_browser() is not None, (
+        "no Chromium found: install Debian's chromium-headless-shell (.ci/run does)")
+    with HeadlessBrowser() as browser:
+        visit = browser.open(page)
+        rows = browser.evaluate(
+            "Array.from(document.querySelectorAll('#segments tbody tr'))"
+            ".map(r => r.cells[1].innerText)")
+        images = browser.evaluate(
+            "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth,"
+            " i.naturalHeight, i.getBoundingClientRect().width])")
+        text = browser.evaluate("document.body.innerText")
+    (out / "report.png").write_bytes(visit.screenshot)
+    assert visit.console_errors == [] and visit.failed_requests == []
+    # Self-contained: the page itself, then only its embedded data: images.
+    assert visit.requests[0] == page.resolve().as_uri()
+    assert all(url.startswith("data:image/png;base64,") for url in visit.requests[1:])
+    assert rows == [s["name"] for s in segments]
+    # one map, a profile per feature, the convergence and the participation plots
+    features = json.loads((out / "segments.json").read_text())["features"]
+    assert len(images) == 1 + len(features) + 2, [i[0] for i in images]
+    assert all(complete and w > 100 and h > 100 and shown > 100
+               for _, complete, w, h, shown in images), images
+    for heading in ("Segments", "Segment map", "Profiles", "Convergence", "Participation",
+                    "Privacy"):
+        assert heading in text
+    assert "epsilon spent" in text and "secagg+" in text
+    shot = Image.open(io.BytesIO(visit.screenshot))
+    assert shot.format == "PNG" and 1200 <= shot.width <= 1280 and shot.height > 2000
+    assert len(shot.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50  # not blank
 
 
 def test_overrides_and_resolved_config_are_written(tmp_path):
+    store = tmp_path / "mlruns" / "mlflow.db"
     proc = _run("model.k=3", "federation.num_sites=4", "privacy=none", "data.num_customers=3000",
-                "data.num_regions=3", "partition=iid", f"hydra.run.dir={tmp_path}")
+                "data.num_regions=3", "partition=iid", "tracking.mlflow=true",
+                f"tracking.uri=sqlite:///{store}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # MLflow tracking (on here): the run is in the local store, with its model
+    logged = [line for line in proc.stdout.splitlines() if "[fedseg] mlflow: run " in line]
+    assert len(logged) == 1 and store.is_file(), proc.stdout[-2000:]
+    run_id = logged[0].split("mlflow: run ")[1].split()[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert client.get_run(run_id).data.params["model.k"] == "3"
+    assert "segments.json" in {a.path for a in client.list_artifacts(run_id)}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["k"] == 3 and summary["num_sites"] == 4 and summary["secagg"] is False
     resolved = (tmp_path / ".hydra" / "config.yaml").read_text()
@@ -47,11 +106,19 @@ def test_overrides_and_resolved_config_are_written(tmp_path):
 
 
 def test_multirun_sweeps_k(tmp_path):
-    proc = _run("-m", "model.k=3,4", "data.num_customers=2000", "data.num_regions=3",
+    proc = _run("-m", "model.k=3,4", "privacy=secagg", "data.num_customers=2000",
+                "data.num_regions=3",
                 "strategy.n_init=1", f"hydra.sweep.dir={tmp_path}", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ks = sorted(json.loads(p.read_text())["k"] for p in tmp_path.glob("*/summary.json"))
     assert ks == [3, 4]
+    # the sweep ends with its comparison: table, recommendation, files
+    assert "federated cost" in proc.stdout and "recommended k=" in proc.stdout
+    table = (tmp_path / "k_selection.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["3", "4"]
+    chosen = json.loads((tmp_path / "k_selection.json").read_text())["recommended_k"]
+    assert chosen in (3, 4) and f"recommended k={chosen}" in proc.stdout
+    assert (tmp_path / "k_selection.html").is_file()
 
 
 def test_bad_csv_path_gives_a_clear_error_and_no_traceback(tmp_path):
@@ -133,3 +200,43 @@ def test_generic_csv_with_identifiers_and_labels(tmp_path):
     # Identifiers in the file are never read, so they cannot reach the model.
     assert table.customer_id[0] not in model_text and table.email[0] not in model_text
     assert [f["name"] for f in json.loads(model_text)["features"]] == list(FEATURES[:4])
+
+
+def test_data_csv_without_its_keys_is_a_one_line_error(tmp_path):
+    proc = _run("data=csv", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fedseg: error: data=csv needs data.path")
+    assert "data.site_column" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_an_unknown_simulation_backend_is_refused(tmp_path):
+    proc = _run("federation.backend=spark", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "federation.backend='spark'" in proc.stderr and "ray" in proc.stderr
+    assert not (tmp_path / "segments.json").exists()
+
+
+def test_help_lists_only_options_a_user_can_choose():
+    proc = _run("--help")
+    assert proc.returncode == 0
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "_schema" not in groups
+    assert "data: contract, csv, mixed, synthetic, wholesale" in groups
+
+
+def test_a_run_that_merges_most_segments_and_stops_unconverged_says_so(tmp_path):
+    proc = _run("model.k=100", "data.num_customers=700", "data.num_regions=3", "privacy=none",
+                "strategy.max_rounds=1", "strategy.n_init=1", "centralized_reference=false",
+                "site.max_k=200", "site.max_init_candidates=1000", "quiet=true",
+                f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    merged = 100 - summary["segments_published"]
+    assert merged * 2 >= 100
+    assert (f"warning: {merged} of the 100 requested segments were merged into others"
+            in proc.stdout)
+    assert "warning: The run stopped at its maximum number of rounds" in proc.stdout
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"{merged} of the 100 requested segments were merged" in page

@@ -116,6 +116,11 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
     assert sorted(summary["sites"].values()) == ["site0", "site1", "site2"]  # registered names
     assert summary["dropouts"] == []
     assert (out / "config.resolved.yaml").is_file()
+    # the deployed server writes the run report too: every segment, the sites by name
+    report = (out / "report.html").read_text("utf-8")
+    assert all(f"<td>{s['name']}</td>" in report
+               for s in json.loads((out / "segments.json").read_text("utf-8"))["segments"])
+    assert "Sites: site0, site1, site2" in report and "No site dropped out." in report
     simulated = tmp_path / "simulated"
     run(cfg, output_dir=simulated)
     deployed_model = json.loads((out / "segments.json").read_text("utf-8"))

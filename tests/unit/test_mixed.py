@@ -193,3 +193,25 @@ def test_a_misnamed_category_column_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'colour_red'.*colour=<value>"):
         write_sites(population, [np.arange(2)], sites_dir=tmp_path / "sites",
                     state_dir=tmp_path / "state")
+
+
+def test_sites_are_reused_only_for_the_population_they_hold(tmp_path: Path) -> None:
+    # Prepare: sites written for 200 customers; a consent change kept in one source
+    small = SyntheticCustomers(num_customers=200, num_regions=2).load(seed=0)
+    parts = ByGroupPartition().split(small, num_sites=2, seed=0)
+    first = write_sites(small, parts, sites_dir=tmp_path / "sites", state_dir=tmp_path / "s")
+    written = first[0].stat().st_mtime_ns
+    # Execute: the same population again is a reuse (contracts untouched)...
+    again = write_sites(small, parts, sites_dir=tmp_path / "sites", state_dir=tmp_path / "s")
+    assert again == first and first[0].stat().st_mtime_ns == written
+    # ... another population into the same directory is refused, naming it
+    bigger = SyntheticCustomers(num_customers=300, num_regions=2).load(seed=0)
+    with pytest.raises(ConfigError, match=r"hold another population.*federation\.sites_dir"):
+        write_sites(bigger, ByGroupPartition().split(bigger, num_sites=2, seed=0),
+                    sites_dir=tmp_path / "sites", state_dir=tmp_path / "s")
+    other_seed = SyntheticCustomers(num_customers=200, num_regions=2).load(seed=1)
+    with pytest.raises(ConfigError, match=str(tmp_path / "sites")):
+        write_sites(other_seed, ByGroupPartition().split(other_seed, num_sites=2, seed=1),
+                    sites_dir=tmp_path / "sites", state_dir=tmp_path / "s")
+    # Assert: nothing was rewritten by the refused runs
+    assert first[0].stat().st_mtime_ns == written
