@@ -180,6 +180,8 @@ def ae_site_statistics(
         reply = [n * trained.params, np.array([n]), np.array([trained.loss_sum])]
         if trained.gradient_sum is not None:  # SCAFFOLD: sum over customers of gradients
             reply.append(trained.gradient_sum)
+        if trained.code_counts is not None and trained.code_loss_sums is not None:
+            reply += [trained.code_counts, trained.code_loss_sums]  # dead-code split
         n_centres = 0
     else:
         z = embed(weights, x, layout=layout, settings=settings)
@@ -202,7 +204,8 @@ def ae_site_statistics(
                           for block in np.split(centres, groups)]
                 reply = [np.concatenate(parts) for parts in zip(*blocks, strict=True)]
     expected = reply_shapes(phase, n_centres=n_centres, n_features=m, n_params=n_params,
-                            n_profile=d, control_variates=settings.control_variates)
+                            n_profile=d, control_variates=settings.control_variates,
+                            code_statistics=m if settings.code_statistics else 0)
     got = [a.shape for a in reply]
     if got != expected:  # a programming error: never send a non-public shape
         raise ProtocolError(f"reply shapes {got} differ from the public layout {expected}.")

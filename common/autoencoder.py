@@ -165,6 +165,17 @@ class AESettings:
         previous round's global weights; ``c`` comes from the sites' secure sums
         ``n_i * c_i``. The sum of the sites' objectives is unchanged, but no site descends
         its own segments' gradient alone any more. ``none``: off.
+    split_share : float
+        ``gumbel_softmax`` only: a code that fewer than this share of all customers use (their
+        most likely code, at the global weights) is *dead*; the server re-seeds it by splitting
+        the live code with the largest reconstruction loss in two (:func:`split_code`), as
+        LBG vector quantisation does. Each site adds its customers' count and loss sum per
+        code to its secure sums, so the server learns these totals only. 0 turns it off (and
+        the two arrays are not sent).
+    split_every : int
+        Rounds between two looks at the code usage (at most one split each).
+    split_until : float
+        Fraction of ``rounds`` after which no code is split any more (the codes settle).
     """
 
     hidden: tuple[int, ...] = (64, 32)
@@ -172,7 +183,7 @@ class AESettings:
     category_dim: int = 3
     local_epochs: int = 2
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.02
     prox_mu: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -186,6 +197,9 @@ class AESettings:
     server_optimizer: str = "adam"
     server_lr: float = 0.03
     drift_correction: str = "scaffold"
+    split_share: float = 0.02
+    split_every: int = 10
+    split_until: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -220,6 +234,12 @@ class AESettings:
                               f"{self.temperature_start}/{self.temperature_end} should be > 0.")
         if not self.server_lr > 0:
             raise ConfigError(f"model.autoencoder.server_lr={self.server_lr} should be > 0.")
+        if not 0 <= self.split_share < 1:
+            raise ConfigError(f"model.autoencoder.split_share={self.split_share} should be in "
+                              "[0, 1) (0: off).")
+        if int(self.split_every) < 1 or not 0 <= self.split_until <= 1:
+            raise ConfigError(f"model.autoencoder.split_every={self.split_every} should be >= 1"
+                              f" and split_until={self.split_until} in [0, 1].")
         if int(self.local_steps) < 0:
             raise ConfigError(f"model.autoencoder.local_steps={self.local_steps} should be "
                               ">= 0 (0: local_epochs passes).")
@@ -228,6 +248,16 @@ class AESettings:
     def control_variates(self) -> bool:
         """Whether ``ae_train`` carries SCAFFOLD's gradient sums (instruction and reply)."""
         return self.drift_correction == "scaffold"
+
+    @property
+    def code_statistics(self) -> bool:
+        """Whether ``ae_train`` replies carry per-code customer counts and loss sums."""
+        return self.bottleneck == "gumbel_softmax" and self.split_share > 0
+
+    def split_round(self, done_rounds: int) -> bool:
+        """Whether the server looks for dead codes after ``done_rounds`` training rounds."""
+        return (self.code_statistics and done_rounds % int(self.split_every) == 0
+                and done_rounds <= self.split_until * int(self.rounds))
 
     def temperature(self, train_round: int) -> float:
         """Gumbel-softmax temperature of training round ``train_round`` (0-based)."""
@@ -364,7 +394,10 @@ class TabularAutoencoder(nn.Module):
         ``tanh``: the bounded code; ``gumbel_softmax``: the code probabilities.
         """
         inputs, _ = self._inputs(x)
-        logits = self.encoder(inputs)
+        return self._code(self.encoder(inputs))
+
+    def _code(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return the noiseless bottleneck: code probabilities or the bounded code."""
         if self.settings.bottleneck == "gumbel_softmax":
             return torch.softmax(logits, dim=1)
         return torch.tanh(logits)
@@ -377,7 +410,6 @@ class TabularAutoencoder(nn.Module):
         gets ``latent_noise`` Gaussian noise, ``gumbel_softmax`` becomes a Gumbel-softmax
         sample at ``temperature``. Without, the decoder reads :meth:`encode`'s code.
         """
-        lay = self.layout
         inputs, indices = self._inputs(x)
         logits = self.encoder(inputs)
         if self.settings.bottleneck == "gumbel_softmax":
@@ -392,20 +424,103 @@ class TabularAutoencoder(nn.Module):
                 # A noisy, bounded bottleneck carries only a few distinguishable codes.
                 code = code + self.settings.latent_noise * torch.randn(
                     code.shape, generator=noise, device=code.device, dtype=code.dtype)
-        out = self.decoder(code)
+        return self._record_losses(self.decoder(code), x, indices).mean()
+
+    def code_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each record's most likely code and its reconstruction loss from :meth:`encode`'s code.
+
+        Returns
+        -------
+        code : Tensor of shape (batch,), int64
+        loss : Tensor of shape (batch,)
+            Per record, on the scale of :meth:`loss` (whose noiseless value is its mean).
+        """
+        inputs, indices = self._inputs(x)
+        logits = self.encoder(inputs)
+        return (torch.argmax(logits, dim=1),
+                self._record_losses(self.decoder(self._code(logits)), x, indices))
+
+    def _record_losses(self, out: torch.Tensor, x: torch.Tensor,
+                       indices: list[torch.Tensor]) -> torch.Tensor:
+        """Reconstruction loss per record, averaged over the original features."""
+        lay = self.layout
         n_num, n_bool = len(lay.numeric), len(lay.boolean)
-        total = torch.zeros((), dtype=out.dtype, device=out.device)
+        total = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
         if n_num:
-            total = total + ((out[:, :n_num] - x[:, list(lay.numeric)]) ** 2).sum(dim=1).mean()
+            total = total + ((out[:, :n_num] - x[:, list(lay.numeric)]) ** 2).sum(dim=1)
         if n_bool:
             total = total + nn.functional.binary_cross_entropy_with_logits(
                 out[:, n_num:n_num + n_bool], x[:, list(lay.boolean)],
-                reduction="none").sum(dim=1).mean()
+                reduction="none").sum(dim=1)
         start = n_num + n_bool
         for v, idx in zip(self.vocab, indices, strict=True):
-            total = total + nn.functional.cross_entropy(out[:, start:start + v], idx)
+            total = total + nn.functional.cross_entropy(out[:, start:start + v], idx,
+                                                        reduction="none")
             start += v
         return total / max(1, lay.n_original)
+
+
+SPLIT_PERTURBATION = (0.1, 0.3)
+"""Relative size of the opposite random nudges :func:`split_code` gives the two halves of a
+split code: in the encoder's output row and in the decoder's input column (each times that
+row's or column's RMS entry). The decoder's nudge is what separates them: two halves that
+reconstruct alike get no gradient that routes records apart."""
+
+
+def split_code(
+    params: NDArray[np.float64],
+    *,
+    layout: TabularLayout,
+    settings: AESettings,
+    dead: int,
+    source: int,
+    rng: np.random.Generator,
+) -> NDArray[np.float64]:
+    """Re-seed the unused code ``dead`` as one half of the code ``source`` (LBG-style split).
+
+    Both halves get ``source``'s encoder row and decoder column with opposite random nudges
+    (:data:`SPLIT_PERTURBATION`), and each half's logit is lowered by ``log 2``, so the pair
+    holds the probability ``source`` held and the model computes nearly what it did. Training
+    then moves the halves apart if ``source``'s records have structure to split.
+
+    Parameters
+    ----------
+    params : ndarray of shape (n_params,)
+        Global weights of a ``gumbel_softmax`` model.
+    layout : TabularLayout
+    settings : AESettings
+    dead, source : int
+        Different code indices in ``[0, embed_dim)``.
+    rng : numpy.random.Generator
+        The nudges' directions.
+
+    Returns
+    -------
+    ndarray of shape (n_params,)
+    """
+    m = int(settings.embed_dim)
+    if settings.bottleneck != "gumbel_softmax" or not (0 <= dead < m and 0 <= source < m) \
+            or dead == source:
+        raise ConfigError(f"split_code: codes dead={dead}, source={source} of {m} "
+                          f"({settings.bottleneck} bottleneck); expected two different codes "
+                          "of a gumbel_softmax bottleneck.")
+    model = TabularAutoencoder(layout, settings)
+    model.set_flat(params)
+    out_layer, in_layer = model.encoder[-1], model.decoder[0]
+    assert isinstance(out_layer, nn.Linear) and isinstance(in_layer, nn.Linear)
+    with torch.no_grad():
+        # rows of the encoder's output layer, columns (rows of the transposed view) of the
+        # decoder's input layer
+        for weight, scale in ((out_layer.weight, SPLIT_PERTURBATION[0]),
+                              (in_layer.weight.T, SPLIT_PERTURBATION[1])):
+            row = weight[source].clone()
+            nudge = torch.from_numpy(rng.standard_normal(row.shape[0])).to(row)
+            nudge *= scale * row.norm() / np.sqrt(row.shape[0])
+            weight[dead] = row + nudge
+            weight[source] = row - nudge
+        out_layer.bias[source] -= float(np.log(2.0))
+        out_layer.bias[dead] = out_layer.bias[source]
+    return model.get_flat()
 
 
 def standardise(transformed: NDArray[np.float64], layout: TabularLayout, mean: NDArray[np.float64],
@@ -458,6 +573,10 @@ class LocalTraining:
     gradient_sum : ndarray of shape (n_params,) or None
         With control variates: the sum over the site's records of the training loss's gradient
         at the global parameters (``n_i * c_i`` of the next round's SCAFFOLD correction).
+    code_counts, code_loss_sums : ndarray of shape (embed_dim,) or None
+        With :attr:`AESettings.code_statistics`: per code, the site's customers whose most
+        likely code it is at the global parameters, and the sum of their reconstruction losses
+        (the dead-code split's statistics, summed securely).
     """
 
     params: NDArray[np.float64]
@@ -467,6 +586,8 @@ class LocalTraining:
     steps: int = 0
     history: list[float] = field(default_factory=list)
     gradient_sum: NDArray[np.float64] | None = None
+    code_counts: NDArray[np.float64] | None = None
+    code_loss_sums: NDArray[np.float64] | None = None
 
 
 def mean_gradient(
@@ -545,9 +666,15 @@ def local_train(
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = data.shape[0]
     temperature = settings.temperature(train_round)
+    code_counts = np.zeros(settings.embed_dim)
+    code_loss_sums = np.zeros(settings.embed_dim)
     with torch.no_grad():
-        loss_sum = float(sum(model.loss(data[i:i + 8192]).item() * data[i:i + 8192].shape[0]
-                             for i in range(0, n, 8192)))
+        for i in range(0, n, 8192):
+            codes, losses = model.code_losses(data[i:i + 8192])
+            code_counts += np.bincount(codes.cpu().numpy(), minlength=settings.embed_dim)
+            code_loss_sums += np.bincount(codes.cpu().numpy(), minlength=settings.embed_dim,
+                                          weights=losses.double().cpu().numpy())
+    loss_sum = float(code_loss_sums.sum())
     noise = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
     gradient_sum = None
     correction: list[torch.Tensor] | None = None
@@ -600,9 +727,11 @@ def local_train(
         epoch_loss += float(loss.item()) * batch.shape[0]
         epoch_count += batch.shape[0]
     history.append(epoch_loss / max(1, epoch_count))
+    keep = settings.code_statistics
     return LocalTraining(params=model.get_flat(), loss_sum=loss_sum, n_records=n,
                          seconds=time.perf_counter() - started, steps=steps, history=history,
-                         gradient_sum=gradient_sum)
+                         gradient_sum=gradient_sum, code_counts=code_counts if keep else None,
+                         code_loss_sums=code_loss_sums if keep else None)
 
 
 def embed(

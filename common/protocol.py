@@ -42,7 +42,7 @@ KMEANS_PHASES = (Phase.MOMENTS, Phase.INIT, Phase.LLOYD, Phase.PROFILE)
 
 def reply_shapes(
     phase: Phase, *, n_centres: int, n_features: int, dp: bool = False, n_params: int = 0,
-    n_profile: int = 0, control_variates: bool = False,
+    n_profile: int = 0, control_variates: bool = False, code_statistics: int = 0,
 ) -> list[tuple[int, ...]]:
     """Public shapes of a site's (unencoded) reply in ``phase``.
 
@@ -64,12 +64,20 @@ def reply_shapes(
     control_variates : bool, default=False
         ``ae_train`` with SCAFFOLD: a fourth array, the sum of the site's customers' loss
         gradients at the global weights ``(n_params,)``.
+    code_statistics : int, default=0
+        ``ae_train`` with the dead-code split (``AESettings.code_statistics``): the number of
+        codes; two more arrays of that length, the customers per code and their loss sums.
     """
     k, d = n_centres, n_features
     if phase is Phase.AE_TRAIN:
         # sum of customers * weights, customers, loss sum (+ sum of gradients)
+        # (+ customers and loss sums per code)
         shapes: list[tuple[int, ...]] = [(n_params,), (1,), (1,)]
-        return [*shapes, (n_params,)] if control_variates else shapes
+        if control_variates:
+            shapes.append((n_params,))
+        if code_statistics:
+            shapes += [(code_statistics,), (code_statistics,)]
+        return shapes
     if phase in (Phase.MOMENTS, Phase.EMBED):
         return [(1,), (d,), (d,)]
     if dp:
@@ -94,7 +102,8 @@ class Role(StrEnum):
 
 
 def reply_roles(
-    phase: Phase, *, dp: bool = False, control_variates: bool = False
+    phase: Phase, *, dp: bool = False, control_variates: bool = False,
+    code_statistics: bool = False,
 ) -> tuple[Role, ...]:
     """Return what each array of a site's reply in ``phase`` holds (order of :func:`reply_shapes`).
 
@@ -106,11 +115,15 @@ def reply_roles(
         :mod:`common.dp` have any sign; only the counts keep their role.
     control_variates : bool, default=False
         ``ae_train`` with SCAFFOLD (:func:`reply_shapes`): the gradient sum, any sign.
+    code_statistics : bool, default=False
+        ``ae_train`` with the dead-code split: customers per code, then their loss sums.
     """
     c, n, s = Role.COUNT, Role.NONNEGATIVE, Role.SIGNED
     if phase is Phase.AE_TRAIN:
         # customers * weights, customers, reconstruction loss sum (+ gradient sum)
-        return (s, c, n) + ((s,) if control_variates else ())
+        # (+ customers and loss sums per code)
+        return ((s, c, n) + ((s,) if control_variates else ())
+                + ((c, n) if code_statistics else ()))
     if phase is Phase.EMBED:
         return (c, s, n)
     if dp:
@@ -149,8 +162,10 @@ def check_site_reply(
     ProtocolError
         Naming the first problem found.
     """
-    # An ae_train layout of four arrays is SCAFFOLD's (the gradient sum comes fourth).
-    roles = reply_roles(phase, control_variates=phase is Phase.AE_TRAIN and len(shapes) == 4)
+    # ae_train layouts differ in length: 3 arrays plain, +1 with SCAFFOLD's gradient sum,
+    # +2 with the per-code statistics (so 4: SCAFFOLD, 5: codes, 6: both).
+    extra = len(shapes) - 3 if phase is Phase.AE_TRAIN else 0
+    roles = reply_roles(phase, control_variates=extra in (1, 3), code_statistics=extra >= 2)
     if len(arrays) != len(shapes):
         raise ProtocolError(f"{len(arrays)} arrays; the {phase.value} phase expects "
                             f"{len(shapes)}.")

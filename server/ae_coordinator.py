@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.autoencoder import SERVER_ADAM, AESettings, TabularLayout, build_model, n_params
+from common.autoencoder import (
+    SERVER_ADAM,
+    AESettings,
+    TabularLayout,
+    build_model,
+    n_params,
+    split_code,
+)
 from common.errors import ProtocolError
 from common.features import FeatureSpec
 from common.protocol import Phase, ae_instruction_shapes, reply_shapes
@@ -65,6 +72,8 @@ class AEKMeansCoordinator(CoordinatorViews):
     ae_rounds: int = 0
     ae_loss: list[float] = field(default_factory=list)
     ae_gradient_norm: list[float] = field(default_factory=list)
+    code_shares: list[list[float]] = field(default_factory=list)
+    code_splits: list[dict[str, int]] = field(default_factory=list)
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -134,7 +143,8 @@ class AEKMeansCoordinator(CoordinatorViews):
         return reply_shapes(self.phase, n_centres=self.n_centres(),
                             n_features=d if self.phase is Phase.MOMENTS else m,
                             n_params=self.n_params, n_profile=d,
-                            control_variates=self.ae.control_variates)
+                            control_variates=self.ae.control_variates,
+                            code_statistics=m if self.ae.code_statistics else 0)
 
     def expected_instruction_shapes(self) -> list[tuple[int, ...]]:
         """Public shapes of the instruction arrays in the current phase."""
@@ -197,12 +207,18 @@ class AEKMeansCoordinator(CoordinatorViews):
         weights just sent becomes the next round's control.
         """
         weighted, count, loss = (np.asarray(a, dtype=np.float64) for a in sums[:3])
-        gradient = np.asarray(sums[3], dtype=np.float64) if len(sums) > 3 else None
+        gradient = np.asarray(sums[3], dtype=np.float64) if self.ae.control_variates else None
+        code_counts, code_loss = ((np.asarray(a, dtype=np.float64) for a in sums[-2:])
+                                  if self.ae.code_statistics else (None, None))
         tol = num_sites * 2.0**-20
         where = f"round {server_round} (ae_train)"
         n = float(count[0])
         if not (np.all(np.isfinite(weighted)) and np.isfinite(n) and np.isfinite(loss[0])) \
                 or (gradient is not None and not np.all(np.isfinite(gradient))) \
+                or (code_counts is not None and code_loss is not None and not (
+                    np.all(np.isfinite(code_counts)) and np.all(np.isfinite(code_loss))
+                    and np.all(code_counts > -tol) and np.all(code_loss > -tol)
+                    and abs(code_counts.sum() - n) <= tol)) \
                 or n < 1 or abs(n - round(n)) > tol or loss[0] < -tol \
                 or (expected is not None and abs(n - expected) > tol):
             raise ProtocolError(
@@ -226,8 +242,32 @@ class AEKMeansCoordinator(CoordinatorViews):
         record.cost = float(loss[0] / n)  # mean reconstruction loss at the weights sent
         self.ae_loss.append(record.cost)
         self.ae_rounds += 1
+        if code_counts is not None and code_loss is not None:
+            self.code_shares.append([float(v) for v in code_counts / n])
+            if self.ae.split_round(self.ae_rounds):
+                self._split_dead_code(code_counts / n, code_loss)
         if self.ae_rounds >= self.ae.rounds:
             self.phase = Phase.EMBED
+
+    def _split_dead_code(self, shares: NDArray[np.float64], loss: NDArray[np.float64]) -> None:
+        """Re-seed one dead code by splitting the live code with the largest loss sum.
+
+        ``shares`` and ``loss`` are the secure sums' customers per code (as shares of all) and
+        loss sums per code, measured at the weights just sent. A split changes the weights the
+        next round starts from, so that round's SCAFFOLD correction is skipped (zero control):
+        the sites' gradients were measured at a model that no longer exists.
+        """
+        dead = np.flatnonzero(shares < self.ae.split_share)
+        live = np.flatnonzero(shares >= self.ae.split_share)
+        if not len(dead) or not len(live):
+            return
+        source = int(live[np.argmax(loss[live])])
+        rng = np.random.default_rng([int(self.ae.seed), self.ae_rounds, 2])
+        self.weights = split_code(self.weights, layout=self.layout, settings=self.ae,
+                                  dead=int(dead[0]), source=source, rng=rng)
+        self.control = np.zeros(self.n_params)
+        self.code_splits.append({"round": self.ae_rounds, "dead": int(dead[0]),
+                                 "source": source})
 
     # -- the product ------------------------------------------------------------------------
 
@@ -243,6 +283,9 @@ class AEKMeansCoordinator(CoordinatorViews):
                             "architecture": self.ae.architecture(),
                             "loss_per_round": list(self.ae_loss),
                             "gradient_norm_per_round": list(self.ae_gradient_norm),
+                            "code_splits": list(self.code_splits),
+                            "code_shares_last_round": (self.code_shares[-1]
+                                                       if self.code_shares else None),
                             "client_drift_fix": ", ".join(
                                 [fix for fix, on in (("fedprox", self.ae.prox_mu > 0),
                                                      ("scaffold", self.ae.control_variates))

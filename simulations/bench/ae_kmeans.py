@@ -55,13 +55,14 @@ def _kmeans_ari(population: Population, parts: list[Any], settings: KMeansSettin
 
 
 def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
-            ae: AESettings) -> tuple[float, float]:
+            ae: AESettings) -> tuple[float, float, int]:
+    """ARI, seconds and the number of dead-code splits of one in-process run."""
     started = time.perf_counter()
     coordinator = run_inprocess_ae([population.raw[p] for p in parts],
                                    features=population.features, settings=settings, ae=ae)
     model = coordinator.build_model(privacy={}, config={})
     ari = float(adjusted_rand_score(population.labels, model.assign(population.raw)))
-    return ari, time.perf_counter() - started
+    return ari, time.perf_counter() - started, len(coordinator.code_splits)
 
 
 FIRST_DESIGN: dict[str, Any] = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
@@ -118,13 +119,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--customers", type=int, default=30_000)
     parser.add_argument("--flower", action="store_true",
                         help="also run real Flower simulations with SecAgg+ (minutes each)")
+    parser.add_argument("--data", nargs="+", choices=("mixed", "synthetic"),
+                        default=["mixed", "synthetic"], help="the data sets to run")
+    parser.add_argument("--no-first-design", action="store_true",
+                        help="skip the first recipe (FedAvg, tanh) for comparison")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="AESettings changes, e.g. lr=0.05 split_share=0")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    ae = AESettings(device="cpu")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    base = AESettings(device="cpu")
+    changes = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        changes[key] = type(getattr(base, key))(value)
+    ae = replace(base, **changes)
     print(f"autoencoder: {ae.to_dict()}")
     rows = []
-    for data_name, source in (("mixed", MixedCustomers(num_customers=args.customers)),
-                              ("synthetic", SyntheticCustomers(num_customers=args.customers,
-                                                               num_regions=5))):
+    sources: dict[str, MixedCustomers | SyntheticCustomers] = {
+        "mixed": MixedCustomers(num_customers=args.customers),
+        "synthetic": SyntheticCustomers(num_customers=args.customers, num_regions=5)}
+    for data_name in args.data:
+        source = sources[data_name]
         for seed in args.seeds:
             population = source.load(seed=seed)
             parts = ByGroupPartition().split(population, num_sites=len(
@@ -134,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
             seeded = replace(ae, seed=seed)
             row: dict[str, Any] = {"data": data_name, "seed": seed, "sites": len(parts)}
             row["kmeans"] = _kmeans_ari(population, parts, settings)
-            row["ae federated"], row["s federated"] = _ae_ari(population, parts, settings,
-                                                              seeded)
-            row["ae central"], row["s central"] = _ae_ari(
+            row["ae federated"], row["s federated"], row["splits federated"] = _ae_ari(
+                population, parts, settings, seeded)
+            row["ae central"], row["s central"], row["splits central"] = _ae_ari(
                 population, [np.arange(population.raw.shape[0])], settings, seeded)
-            row["ae first design"], _ = _ae_ari(population, parts, settings,
-                                                replace(seeded, **FIRST_DESIGN))
+            if not args.no_first_design:
+                row["ae first design"], _, _ = _ae_ari(population, parts, settings,
+                                                       replace(seeded, **FIRST_DESIGN))
             if args.flower and data_name == "mixed":
                 row["flower"] = _flower_run(seed, args.customers)
             rows.append(row)
@@ -150,9 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         flower = r.get("flower", {}).get("ari")
+        first = r.get("ae first design")
         print(f"| {r['data']} | {r['seed']} | {r['sites']} | {r['kmeans']:.3f} | "
               f"{r['ae federated']:.3f} | {r['ae central']:.3f} | "
-              f"{r['ae federated'] - r['ae central']:+.3f} | {r['ae first design']:.3f} | "
+              f"{r['ae federated'] - r['ae central']:+.3f} | "
+              + ("-" if first is None else f"{first:.3f}") + " | "
               + ("-" if flower is None else f"{flower:.3f}") + " |")
     flower_rows = [r for r in rows if "flower" in r]
     if flower_rows:

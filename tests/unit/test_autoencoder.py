@@ -18,11 +18,12 @@ from common.autoencoder import (
     embed,
     local_train,
     n_params,
+    split_code,
     standardise,
 )
 from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec
-from common.protocol import Phase, reply_roles, reply_shapes
+from common.protocol import Phase, check_site_reply, reply_roles, reply_shapes
 from common.segment_encoder import SegmentEncoder, segment_of_centre
 from common.segment_model import SegmentModel
 from common.site_policy import RunPlan, SitePolicy, SiteSession
@@ -482,7 +483,8 @@ def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructio
     assert not np.any(arrays[4])  # no control measured before the first round
     sent = coordinator.weights.copy()
     trained = sent + 1.0
-    coordinator.step([30 * trained, np.array([30.0]), np.array([6.0]), np.full(p, 3.0)],
+    coordinator.step([30 * trained, np.array([30.0]), np.array([6.0]), np.full(p, 3.0),
+                      np.array([20.0, 10.0]), np.array([4.0, 2.0])],
                      server_round=2, num_sites=2)
     # Server Adam's first step moves every weight by server_lr * 0.1 / (sqrt(0.01) + eps).
     beta1, beta2, eps = (0.9, 0.99, 1e-3)
@@ -510,6 +512,88 @@ def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
     _, arrays, _ = coordinator.instruction()
     reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
     p = coordinator.n_params
-    assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,)] and reply[1][0] == 200.0
+    assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,), (2,), (2,)] \
+        and reply[1][0] == 200.0
+    # Per code: the customers whose most likely code it is, and their loss sums.
+    assert reply[4].sum() == 200.0 and reply[5].sum() == pytest.approx(reply[2][0])
     coordinator.step(reply, server_round=2, num_sites=1)
     assert np.allclose(coordinator.control, reply[3] / 200.0)
+    assert coordinator.code_shares == [list(reply[4] / 200.0)]
+
+
+# --------------------------------------------------------------------------- dead-code splits
+
+SPLITTING = AESettings(hidden=(8,), embed_dim=3, category_dim=2, batch_size=32, local_steps=5,
+                       rounds=4, split_every=2, split_until=1.0, device="cpu")
+"""The default recipe with three codes, looking for dead codes every second round."""
+
+
+def test_a_split_code_takes_half_of_its_source_and_leaves_the_rest_alone():
+    layout = TabularLayout.from_features(FEATURES)
+    before = build_model(layout, SPLITTING)
+    after = build_model(layout, SPLITTING)
+    after.set_flat(split_code(before.get_flat(), layout=layout, settings=SPLITTING, dead=2,
+                              source=0, rng=np.random.default_rng(0)))
+    old_row, new_rows = before.encoder[-1].weight, after.encoder[-1].weight
+    # Opposite nudges: the two halves average to the source's row and column.
+    assert torch.allclose(new_rows[0] + new_rows[2], 2 * old_row[0], atol=1e-6)
+    assert not torch.allclose(new_rows[0], new_rows[2])
+    old_col, new_cols = before.decoder[0].weight, after.decoder[0].weight
+    assert torch.allclose(new_cols[:, 0] + new_cols[:, 2], 2 * old_col[:, 0], atol=1e-6)
+    assert not torch.allclose(new_cols[:, 0], new_cols[:, 2])
+    bias = after.encoder[-1].bias
+    assert bias[0].item() == bias[2].item() == pytest.approx(
+        before.encoder[-1].bias[0].item() - np.log(2.0), abs=1e-6)
+    # Code 1 and every other layer are untouched.
+    assert torch.equal(new_rows[1], old_row[1]) and torch.equal(new_cols[:, 1], old_col[:, 1])
+    for (name, a), b in zip(before.named_parameters(), after.parameters(), strict=True):
+        if name not in ("encoder.2.weight", "encoder.2.bias", "decoder.0.weight"):
+            assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="two different codes"):
+        split_code(before.get_flat(), layout=layout, settings=SPLITTING, dead=1, source=1,
+                   rng=np.random.default_rng(0))
+
+
+def _train_sums(coordinator: AEKMeansCoordinator, counts, losses) -> list[np.ndarray]:
+    p = coordinator.n_params
+    return [30 * coordinator.weights, np.array([30.0]), np.array([float(sum(losses))]),
+            np.full(p, 3.0), np.array(counts, dtype=float), np.array(losses, dtype=float)]
+
+
+def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=SPLITTING)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    # Training round 1 is no look (else code 0, the largest loss, would be split off) ...
+    coordinator.step(_train_sums(coordinator, [10, 0, 20], [9.0, 0.0, 6.0]), server_round=2,
+                     num_sites=2)
+    assert coordinator.code_splits == [] and np.any(coordinator.control)
+    # ... round 2 is: code 1 holds no customer, code 2 has the larger loss.
+    coordinator.step(_train_sums(coordinator, [12, 0, 18], [3.0, 0.0, 6.0]), server_round=3,
+                     num_sites=2)
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2}]
+    # The next round starts from other weights than the gradients were measured at.
+    assert not np.any(coordinator.control)
+    assert coordinator.code_shares[-1] == [0.4, 0.0, 0.6]
+    # A share is a count of customers: one that does not add up to the customers is refused.
+    with pytest.raises(ProtocolError, match="impossible"):
+        coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]),
+                         server_round=4, num_sites=2)
+
+
+def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
+    assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=9,
+                        control_variates=True, code_statistics=3) == \
+        [(9,), (1,), (1,), (9,), (3,), (3,)]
+    assert not AESettings(split_share=0.0).code_statistics
+    assert not AESettings(bottleneck="tanh").code_statistics
+    shapes = [(9,), (1,), (1,), (9,), (3,), (3,)]
+    reply = [np.zeros(9), np.ones(1), np.ones(1), np.zeros(9), np.array([1.0, 0.0, 0.0]),
+             np.array([0.5, 0.0, 0.0])]
+    check_site_reply(reply, phase=Phase.AE_TRAIN, shapes=shapes)
+    with pytest.raises(ProtocolError, match=r"#4 \(counts\).*whole"):
+        check_site_reply([*reply[:4], np.array([0.5, 0.5, 0.0]), reply[5]],
+                         phase=Phase.AE_TRAIN, shapes=shapes)
+    with pytest.raises(ProtocolError, match=r"#5 .*negative"):
+        check_site_reply([*reply[:5], np.array([-0.5, 0.0, 0.0])], phase=Phase.AE_TRAIN,
+                         shapes=shapes)
