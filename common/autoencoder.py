@@ -176,6 +176,15 @@ class AESettings:
         Rounds between two looks at the code usage (at most one split each).
     split_until : float
         Fraction of ``rounds`` after which no code is split any more (the codes settle).
+    split_patience : int
+        Consecutive looks a code must be dead at before it is split (1: at the first). A code
+        that dies for a moment and comes back is left alone; a split costs the round's SCAFFOLD
+        correction and perturbs the model.
+    clip_norm : float
+        Largest norm of a local mini-batch gradient (before SCAFFOLD's correction is added);
+        a longer one is scaled down to it (0: off). It ties the local step to a fixed size
+        whatever the data's gradient scale, so one ``lr`` suits data sets whose gradients
+        differ severalfold.
     """
 
     hidden: tuple[int, ...] = (64, 32)
@@ -183,7 +192,7 @@ class AESettings:
     category_dim: int = 3
     local_epochs: int = 2
     batch_size: int = 128
-    lr: float = 0.02
+    lr: float = 0.05
     prox_mu: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -200,6 +209,8 @@ class AESettings:
     split_share: float = 0.02
     split_every: int = 10
     split_until: float = 0.5
+    split_patience: int = 1
+    clip_norm: float = 0.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -240,6 +251,12 @@ class AESettings:
         if int(self.split_every) < 1 or not 0 <= self.split_until <= 1:
             raise ConfigError(f"model.autoencoder.split_every={self.split_every} should be >= 1"
                               f" and split_until={self.split_until} in [0, 1].")
+        if int(self.split_patience) < 1:
+            raise ConfigError(f"model.autoencoder.split_patience={self.split_patience} should "
+                              "be >= 1.")
+        if not self.clip_norm >= 0:
+            raise ConfigError(f"model.autoencoder.clip_norm={self.clip_norm} should be >= 0 "
+                              "(0: off).")
         if int(self.local_steps) < 0:
             raise ConfigError(f"model.autoencoder.local_steps={self.local_steps} should be "
                               ">= 0 (0: local_epochs passes).")
@@ -718,6 +735,8 @@ def local_train(
             loss = loss + 0.5 * settings.prox_mu * prox
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if settings.clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), float(settings.clip_norm))
         if correction is not None:
             for p, c in zip(model.parameters(), correction, strict=True):
                 if p.grad is not None:

@@ -88,6 +88,8 @@ class AEKMeansCoordinator(CoordinatorViews):
         self.anchor = self.weights.copy()
         self._adam_m = np.zeros(self.n_params)
         self._adam_v = np.zeros(self.n_params)
+        # Dead-code splits: consecutive looks each code has been dead at.
+        self._dead_looks = np.zeros(self.ae.embed_dim, dtype=np.int64)
         self.embedding_features = tuple(
             FeatureSpec(name=f"embedding_{i}") for i in range(self.ae.embed_dim))
 
@@ -257,8 +259,10 @@ class AEKMeansCoordinator(CoordinatorViews):
         next round starts from, so that round's SCAFFOLD correction is skipped (zero control):
         the sites' gradients were measured at a model that no longer exists.
         """
-        dead = np.flatnonzero(shares < self.ae.split_share)
-        live = np.flatnonzero(shares >= self.ae.split_share)
+        is_dead = shares < self.ae.split_share
+        self._dead_looks = np.where(is_dead, self._dead_looks + 1, 0)
+        dead = np.flatnonzero(self._dead_looks >= int(self.ae.split_patience))
+        live = np.flatnonzero(~is_dead)
         if not len(dead) or not len(live):
             return
         source = int(live[np.argmax(loss[live])])
@@ -266,6 +270,7 @@ class AEKMeansCoordinator(CoordinatorViews):
         self.weights = split_code(self.weights, layout=self.layout, settings=self.ae,
                                   dead=int(dead[0]), source=source, rng=rng)
         self.control = np.zeros(self.n_params)
+        self._dead_looks[int(dead[0])] = 0
         self.code_splits.append({"round": self.ae_rounds, "dead": int(dead[0]),
                                  "source": source})
 

@@ -469,6 +469,22 @@ def test_local_sgd_takes_the_planned_steps_and_returns_the_gradient_sum():
     assert plain.gradient_sum is None
 
 
+def test_clipping_bounds_each_local_step_whatever_the_gradient_scale():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(300))
+    start = build_model(layout, RECIPE).get_flat()
+    tiny = 1e-4
+    clipped = local_train(start, x, layout=layout, rng=np.random.default_rng(1),
+                          settings=AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                                 "drift_correction": "none",
+                                                 "clip_norm": tiny}))
+    # Plain SGD: each step moves the weights by at most lr * clip_norm.
+    moved = float(np.linalg.norm(clipped.params - start))
+    assert 0 < moved <= clipped.steps * RECIPE.lr * tiny * (1 + 1e-4)
+    with pytest.raises(ConfigError, match="clip_norm"):
+        AESettings(clip_norm=-1.0)
+
+
 def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructions():
     assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=99,
                         control_variates=True) == [(99,), (1,), (1,), (99,)]
@@ -524,8 +540,10 @@ def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
 # --------------------------------------------------------------------------- dead-code splits
 
 SPLITTING = AESettings(hidden=(8,), embed_dim=3, category_dim=2, batch_size=32, local_steps=5,
-                       rounds=4, split_every=2, split_until=1.0, device="cpu")
-"""The default recipe with three codes, looking for dead codes every second round."""
+                       rounds=4, split_every=2, split_until=1.0, split_patience=1,
+                       device="cpu")
+"""The default recipe with three codes, looking for dead codes every second round and
+splitting one at the first look it is dead at."""
 
 
 def test_a_split_code_takes_half_of_its_source_and_leaves_the_rest_alone():
@@ -579,6 +597,21 @@ def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss()
     with pytest.raises(ProtocolError, match="impossible"):
         coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]),
                          server_round=4, num_sites=2)
+
+
+def test_a_code_is_split_only_after_patience_looks_dead_in_a_row():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "rounds": 6, "split_every": 1,
+                       "split_patience": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    # dead, back, dead, dead: only the second death in a row splits it.
+    for server_round, counts in enumerate(([12, 0, 18], [11, 1, 18], [12, 0, 18],
+                                           [12, 0, 18]), start=2):
+        coordinator.step(_train_sums(coordinator, counts, [3.0, 0.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+        assert len(coordinator.code_splits) == (server_round == 5)
+    assert coordinator.code_splits == [{"round": 4, "dead": 1, "source": 2}]
 
 
 def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
