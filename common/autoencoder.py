@@ -42,6 +42,7 @@ BOTTLENECKS = ("tanh", "gumbel_softmax")
 LOCAL_OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("average", "adam")
 DRIFT_CORRECTIONS = ("none", "scaffold")
+SPLIT_SOURCES = ("loss_sum", "mean_loss")
 SERVER_ADAM = (0.9, 0.99, 1e-3)
 """Server Adam's ``beta1``, ``beta2`` and ``eps`` (no bias correction): the step is
 ``server_lr * m / (sqrt(v) + eps)`` on the round's pseudo-gradient ``FedAvg(w_i) - w``."""
@@ -176,6 +177,10 @@ class AESettings:
         Rounds between two looks at the code usage (at most one split each).
     split_until : float
         Fraction of ``rounds`` after which no code is split any more (the codes settle).
+    split_source : str
+        Which live code a dead one is split off: ``loss_sum`` (the largest reconstruction-loss
+        sum, as LBG: favours big codes) or ``mean_loss`` (the largest loss per customer: a
+        code that holds two segments reconstructs its customers worst, whatever its size).
     split_patience : int
         Consecutive looks a code must be dead at before it is split (1: at the first). A code
         that dies for a moment and comes back is left alone; a split costs the round's SCAFFOLD
@@ -210,6 +215,7 @@ class AESettings:
     split_every: int = 10
     split_until: float = 0.5
     split_patience: int = 1
+    split_source: str = "loss_sum"
     clip_norm: float = 0.2
 
     def __post_init__(self) -> None:
@@ -235,7 +241,8 @@ class AESettings:
         choices = {"bottleneck": (self.bottleneck, BOTTLENECKS),
                    "local_optimizer": (self.local_optimizer, LOCAL_OPTIMIZERS),
                    "server_optimizer": (self.server_optimizer, SERVER_OPTIMIZERS),
-                   "drift_correction": (self.drift_correction, DRIFT_CORRECTIONS)}
+                   "drift_correction": (self.drift_correction, DRIFT_CORRECTIONS),
+                   "split_source": (self.split_source, SPLIT_SOURCES)}
         for key, (choice, allowed) in choices.items():
             if choice not in allowed:
                 raise ConfigError(f"model.autoencoder.{key}={choice!r} should be one of "
@@ -323,7 +330,8 @@ class AESettings:
             raise ValueError(str(exc)) from exc
 
 
-_CHOICE_FIELDS = ("bottleneck", "local_optimizer", "server_optimizer", "drift_correction")
+_CHOICE_FIELDS = ("bottleneck", "local_optimizer", "server_optimizer", "drift_correction",
+                  "split_source")
 """The settings that are names, not numbers, in a plan."""
 
 

@@ -252,7 +252,7 @@ class AEKMeansCoordinator(CoordinatorViews):
             self.phase = Phase.EMBED
 
     def _split_dead_code(self, shares: NDArray[np.float64], loss: NDArray[np.float64]) -> None:
-        """Re-seed one dead code by splitting the live code with the largest loss sum.
+        """Re-seed one dead code by splitting the live code with the largest loss (sum or mean).
 
         ``shares`` and ``loss`` are the secure sums' customers per code (as shares of all) and
         loss sums per code, measured at the weights just sent. A split changes the weights the
@@ -265,7 +265,8 @@ class AEKMeansCoordinator(CoordinatorViews):
         live = np.flatnonzero(~is_dead)
         if not len(dead) or not len(live):
             return
-        source = int(live[np.argmax(loss[live])])
+        score = loss[live] / shares[live] if self.ae.split_source == "mean_loss" else loss[live]
+        source = int(live[np.argmax(score)])
         rng = np.random.default_rng([int(self.ae.seed), self.ae_rounds, 2])
         self.weights = split_code(self.weights, layout=self.layout, settings=self.ae,
                                   dead=int(dead[0]), source=source, rng=rng)

@@ -614,6 +614,19 @@ def test_a_code_is_split_only_after_patience_looks_dead_in_a_row():
     assert coordinator.code_splits == [{"round": 4, "dead": 1, "source": 2}]
 
 
+def test_mean_loss_splits_the_code_that_reconstructs_its_customers_worst():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "split_source": "mean_loss"})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    for server_round in (2, 3):  # code 0: the larger loss sum, code 2: the larger mean
+        coordinator.step(_train_sums(coordinator, [24, 0, 6], [12.0, 0.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2}]
+    with pytest.raises(ConfigError, match="split_source"):
+        AESettings(split_source="largest")
+
+
 def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
     assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=9,
                         control_variates=True, code_statistics=3) == \
