@@ -485,6 +485,22 @@ def test_clipping_bounds_each_local_step_whatever_the_gradient_scale():
         AESettings(clip_norm=-1.0)
 
 
+def test_numeric_weight_scales_only_the_numeric_part_of_the_loss():
+    layout = TabularLayout.from_features(FEATURES)
+    x = torch.as_tensor(_x(_records(200)))
+    losses = []
+    for weight in (1.0, 2.0, 3.0):  # same seed: the same initial weights
+        model = build_model(layout, AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                                  "numeric_weight": weight}))
+        with torch.no_grad():
+            losses.append(float(model.loss(x.to(torch.float32))))
+    # Linear in the weight, and the numeric part is positive
+    assert losses[1] - losses[0] == pytest.approx(losses[2] - losses[1], rel=1e-4)
+    assert losses[1] > losses[0]
+    with pytest.raises(ConfigError, match="numeric_weight"):
+        AESettings(numeric_weight=0.0)
+
+
 def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructions():
     assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=99,
                         control_variates=True) == [(99,), (1,), (1,), (99,)]
