@@ -30,13 +30,16 @@ the numeric ranges of the life-cycle arcs (tenure, recency, discounts overlap th
 What this does to the two models is measured, not assumed (``python -m
 simulations.bench.ae_kmeans``, docs/BENCHMARKS.md). k-means on one-hot + standardised columns
 assumes equally spread, spherical segments and counts every z-scored one-hot column as one
-unit of variance (a 10-value categorical ten times a numeric feature, a rare value far more):
-the broad segments' spread over all categorical values is a large within-segment variance,
-so it cuts a broad segment along its categorical values and merges smaller peaked segments
-into their neighbours. A mixture that keeps a value distribution per segment and
-weighs each original feature once (the autoencoder's Gumbel codes, each with its own decoded
-distribution) sees a broad segment as one flat distribution and places it by its numbers.
-Neither the rare values nor the settings flags below carry segment information either.
+unit of variance, a value of share ``p`` at ``1 / p`` in squared distance: with the broad
+segments spread over all values, no categorical combination anchors a centre for them, and
+k-means spends centres on customers who share one *rare* value instead (seed 0: three of six
+clusters are the book lovers and two rare brands' fans, 500--800 customers each, drawn from
+every segment) and splits the rest roughly by spend. A mixture that keeps a value
+distribution per segment and weighs each original feature once (the autoencoder's Gumbel
+codes, each with its own decoded distribution) can see a broad segment as one flat
+distribution and place it by its numbers (a supervised classifier reaches ARI 0.97, so the
+segments are separable). Neither the rare values nor the settings flags carry segment
+information.
 
 Customers live in regions of unequal size (largest 15 times the smallest), each dominated by
 one segment (70 %) and a second (20 %), so a split by region gives strongly non-IID sites.
