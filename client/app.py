@@ -34,8 +34,9 @@ from client.audit import COMPUTE_RECORD, PRIVACY_RECORD, make_boundary_mod
 from client.audit_chain import HeadStore
 from client.gate import SiteData
 from client.secagg_guard import make_secagg_guard_mod
+from client.secagg_prekeys import next_setup_mod
 from client.site_files import SiteFiles, has_stable_identity, site_id
-from common import mask_prg
+from common import mask_prg, secagg_primitives
 from common.autoencoder import AESettings, TabularLayout, embed, local_train, standardise
 from common.autoencoder import n_params as ae_param_count
 from common.dp import NoiseSource, epsilon_spent, noisy_round
@@ -55,12 +56,21 @@ from common.secure_sum import (
 from common.segment_model import ProfileStats
 from common.site_policy import RunPlan, SitePolicy, SiteSession
 
-SECAGG_MODULES = (
-    importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
-    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
-)
+_SECAGG_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+SECAGG_MODULES = (_SECAGG_MOD,
+                  importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"))
 """Flower modules whose SecAgg+ mask generator this site replaces (see common.mask_prg)."""
+PRIMITIVE_MODULES = (_SECAGG_MOD,
+                     importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"))
+"""... and whose key agreement and secret sharing it replaces (common.secagg_primitives)."""
 mask_prg.install(*SECAGG_MODULES)
+secagg_primitives.install(*PRIMITIVE_MODULES)
+
+
+def secagg_suite() -> str:
+    """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
+    return secagg_primitives.suite_of(SECAGG_MODULES, PRIMITIVE_MODULES)
+
 
 SESSION_RECORD = "fedseg.site"
 """Key of the site's per-run session (what it has answered) in the node's context."""
@@ -350,7 +360,7 @@ class SiteClient(NumPyClient):
         except (TypeError, ValueError) as exc:
             raise SiteRefusal("protocol", str(exc)) from exc
         plan.check_against(self.policy, features=tuple(f.name for f in self.site.features),
-                           prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+                           prg=secagg_suite())
         if plan.ae:
             settings, announced = plan.ae_settings()
             try:
@@ -543,5 +553,6 @@ def make_client_app(
     mods: list[Mod] = [*extra_mods, make_boundary_mod(site_root, mechanism=policy.mechanism,
                                                   head_store=head_store)]
     if policy.mechanism == "secagg+":
-        mods.extend([require_secagg_mod, make_secagg_guard_mod(policy), secaggplus_mod])
+        mods.extend([require_secagg_mod, next_setup_mod, make_secagg_guard_mod(policy),
+                     secaggplus_mod])
     return ClientApp(client_fn=client_fn, mods=mods)

@@ -25,6 +25,7 @@ from flwr.common.serde import recorddict_to_proto
 from client.audit_chain import HeadStore
 from client.site_files import SiteFiles, site_id
 from common.errors import public_site_error, site_error_code
+from common.protocol import NEXT_SETUP_RECORD
 
 SECAGG_CONFIGS_KEY = "secaggplus_configs"
 
@@ -78,10 +79,18 @@ def describe_message(message: Message) -> dict[str, Any]:
 
 
 def incoming_stage(message: Message) -> str | None:
-    """Return the SecAgg+ stage a request asks for (read before ``secaggplus_mod`` pops it)."""
+    """Return the SecAgg+ stage a request asks for (read before ``secaggplus_mod`` pops it).
+
+    An unmask request that also carries the next round's set-up
+    (:mod:`client.secagg_prekeys`) is ``"unmask+setup"``.
+    """
     if message.has_content() and SECAGG_CONFIGS_KEY in message.content.config_records:
         stage = message.content.config_records[SECAGG_CONFIGS_KEY].get("stage")
-        return None if stage is None else str(stage)
+        if stage is None:
+            return None
+        if NEXT_SETUP_RECORD in message.content.config_records:
+            return f"{stage!s}+setup"
+        return str(stage)
     return None
 
 
@@ -146,6 +155,7 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str,
         files = SiteFiles(root, site_id(context),
                           head_store=None if head_store is None else head_store(context))
         stage = incoming_stage(message)
+        secagg_before = secagg_parameters(context)
         code = None
         try:
             reply = call_next(message, context)
@@ -171,6 +181,9 @@ def make_boundary_mod(site_root: str | Path, *, mechanism: str,
             "secagg": secagg_parameters(context),
             **describe_message(reply),
         }
+        if stage is not None and stage.endswith("+setup"):
+            # This round's parameters, and the next round's the site just set up with.
+            entry["secagg"], entry["next_secagg"] = secagg_before, entry["secagg"]
         try:
             files.append_audit(entry)
         except Exception as exc:  # unwritable, a torn / changed chain, the store: send nothing

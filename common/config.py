@@ -263,6 +263,7 @@ class RunConfig:
     verbose: bool = False
     quiet: bool = False
     centralized_reference: bool = True
+    objective: str = "bic"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -307,6 +308,15 @@ def compose_config(overrides: str = "") -> DictConfig:
 SIMULATION_BACKENDS = ("ray",)
 """``federation.backend`` values: Flower 1.42's simulation engine has one backend, Ray."""
 
+OBJECTIVES = ("bic", "pooled_bic")
+"""``objective`` values: the score a run returns to a tuning sweeper (higher is better).
+
+``bic``: the federated BIC of :mod:`server.model_selection` (the final round's secure-sum cost
+and the published sizes; none under differential privacy, which does not release the cost).
+``pooled_bic``: the same BIC from the simulation's evaluation on the pooled data (simulation
+only; defined under differential privacy too).
+"""
+
 _MISSING_HINTS = {
     "data": "e.g. data=csv data.path=customers.csv data.site_column=store "
             "data.features=[spend,visits] (see conf/data/csv.yaml)",
@@ -320,7 +330,7 @@ def check_run_config(cfg: DictConfig) -> None:
     ------
     ConfigError
         One line naming every unset required key (``???`` in ``conf/``), with an example; or
-        an unknown ``federation.backend``.
+        an unknown ``federation.backend`` or ``objective``.
     """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -335,6 +345,10 @@ def check_run_config(cfg: DictConfig) -> None:
     if backend not in SIMULATION_BACKENDS:
         raise ConfigError(f"federation.backend={backend!r} is not a simulation backend; "
                           f"Flower's simulation engine has {', '.join(SIMULATION_BACKENDS)}.")
+    objective = str(cfg.get("objective", "bic"))
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective={objective!r} is not a run objective; choose one of "
+                          f"{', '.join(OBJECTIVES)}.")
 
 
 def instantiate_config(node: Any, **kwargs: Any) -> Any:

@@ -110,16 +110,30 @@ def keystream_masks(
     return out
 
 
-def _calls_by_global_name(obj: object, module: ModuleType) -> bool:
-    """Whether ``obj`` (a function, or a class's methods) looks ``pseudo_rand_gen`` up globally.
+def calls_by_global_name(obj: object, module: ModuleType, name: str = PATCHED_NAME) -> bool:
+    """Whether ``obj`` (a function, or a class's methods) looks ``name`` up in ``module``.
 
     Only then does replacing the module attribute change what Flower calls: a function that
-    had bound the original under another name, or a default argument, would keep the weak masks.
+    had bound the original under another name, or a default argument, would keep the original.
     """
     functions = ([obj] if callable(obj) and hasattr(obj, "__code__")
                  else [v for v in vars(obj).values() if hasattr(v, "__code__")])
-    uses: list[Any] = [f for f in functions if PATCHED_NAME in f.__code__.co_names]
+    uses: list[Any] = [f for f in functions if name in f.__code__.co_names]
     return bool(uses) and all(f.__globals__ is vars(module) for f in uses)
+
+
+def require_supported_flower(flower_version: str | None, what: str) -> None:
+    """Refuse to patch a Flower version whose SecAgg+ code ``what`` was not checked against."""
+    if flower_version is None:
+        import importlib.metadata
+
+        flower_version = importlib.metadata.version("flwr")
+    if flower_version not in SUPPORTED_FLOWER:
+        raise RuntimeError(
+            f"flwr=={flower_version} is installed; fedseg's {what} was checked against flwr "
+            f"{', '.join(SUPPORTED_FLOWER)} only. Refusing to run with SecAgg+ primitives of "
+            "unknown strength (install the pinned version: pip install -e .)."
+        )
 
 
 def install(*modules: ModuleType, flower_version: str | None = None) -> None:
@@ -141,16 +155,7 @@ def install(*modules: ModuleType, flower_version: str | None = None) -> None:
         Flower's masking code would not call the replacement: continuing could silently fall
         back to 32-bit masks or to masks the other side cannot remove.
     """
-    if flower_version is None:
-        import importlib.metadata
-
-        flower_version = importlib.metadata.version("flwr")
-    if flower_version not in SUPPORTED_FLOWER:
-        raise RuntimeError(
-            f"flwr=={flower_version} is installed; fedseg's SecAgg+ mask hardening was checked "
-            f"against flwr {', '.join(SUPPORTED_FLOWER)} only. Refusing to run with masks of "
-            "unknown strength (install the pinned version: pip install -e .)."
-        )
+    require_supported_flower(flower_version, "SecAgg+ mask hardening")
     for module in modules:
         current = getattr(module, PATCHED_NAME, None)
         if current is not keystream_masks and not callable(current):
@@ -161,7 +166,7 @@ def install(*modules: ModuleType, flower_version: str | None = None) -> None:
             )
         for name in CALLERS.get(module.__name__, ()):
             caller = getattr(module, name, None)
-            if caller is None or not _calls_by_global_name(caller, module):
+            if caller is None or not calls_by_global_name(caller, module):
                 raise RuntimeError(
                     f"{module.__name__}.{name} does not call {PATCHED_NAME} through its module: "
                     "replacing it would not change the masks Flower computes. Refusing to run."

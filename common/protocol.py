@@ -221,6 +221,10 @@ PLAN_KEY = "fedseg.plan"
 """Config key: the server's public run plan (:class:`common.site_policy.RunPlan`, JSON)."""
 GROUPS_KEY = "fedseg.groups"
 """Config key: the centres form this many independent sets (parallel Lloyd runs)."""
+NEXT_SETUP_RECORD = "fedseg.next_setup"
+"""Config record of an unmask request: the next round's SecAgg+ set-up parameters."""
+NEXT_KEYS_RECORD = "fedseg.next_keys"
+"""Config record of an unmask reply: the site's two public keys for the next round."""
 
 
 def parse_phase(value: object) -> Phase:

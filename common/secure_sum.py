@@ -180,9 +180,6 @@ class SecAggPlusSumCodec:
             One float64 array of shape ``(limbs, *shape)`` per input, entries in ``[-1, 1)``.
         """
         out: list[NDArray[np.float64]] = []
-        modulus = 1 << TOTAL_BITS
-        mask = self.quantization_range - 1
-        offset = self.offset
         for index, arr in enumerate(arrays):
             values = np.asarray(arr, dtype=np.float64)
             if not np.all(np.isfinite(values)):
@@ -192,16 +189,50 @@ class SecAggPlusSumCodec:
                     f"statistic #{index} has |value| >= {MAX_ABS_VALUE:.3g}: "
                     "too large for the secure-sum encoding (rescale or log-transform the feature)."
                 )
-            flat = values.ravel()
-            limbs = np.empty((self.limbs, flat.size), dtype=np.float64)
-            for j, value in enumerate(flat.tolist()):
-                # Exact: float -> dyadic rational -> integer, plus the public offset.
-                word = (round(value * (1 << FRACTION_BITS)) + offset) % modulus
-                for limb in range(self.limbs):
-                    m = (word >> (limb * self.limb_bits)) & mask
-                    limbs[limb, j] = m * (2.0 / self.quantization_range) - 1.0
+            digits = self._word_digits(np.rint(values.ravel() * float(1 << FRACTION_BITS)))
+            limbs = digits * (2.0 / self.quantization_range) - 1.0
             out.append(limbs.reshape(self.encoded_shape(values.shape)))
         return out
+
+    def _word_digits(self, whole: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Return the limbs of ``(whole + offset) mod 2**TOTAL_BITS`` for integer-valued floats.
+
+        Exact, without Python integers: ``|whole| < 2**111`` is split into base-``2**L``
+        digits by floor division by a power of two (exact in float64: every quotient and
+        remainder is an integer the format holds), the offset's digits are added with their
+        carries in int64, and the top limb keeps only the word's bits below ``TOTAL_BITS``.
+        Equal, entry for entry, to the per-entry Python-integer reference (tested).
+
+        Parameters
+        ----------
+        whole : ndarray
+            1-D float64 integers (the fixed-point words before the offset).
+
+        Returns
+        -------
+        ndarray
+            float64 of shape ``(limbs, whole.size)``, each entry an integer in ``[0, Q)``.
+        """
+        bits, count = self.limb_bits, self.limbs
+        base = float(1 << bits)
+        mask = (1 << bits) - 1
+        digits = np.empty((count, whole.size), dtype=np.int64)
+        rest = whole
+        for limb in range(count):
+            quotient = np.floor(rest / base)
+            digits[limb] = (rest - quotient * base).astype(np.int64)
+            rest = quotient
+        # rest is now 0 or -1 (a negative word): a multiple of 2**(count*bits) >= 2**128,
+        # which vanishes modulo 2**TOTAL_BITS.
+        carry = np.zeros(whole.size, dtype=np.int64)
+        offset = self.offset
+        for limb in range(count):
+            total = digits[limb] + ((offset >> (limb * bits)) & mask) + carry
+            digits[limb] = total & mask
+            carry = total >> bits
+        top_bits = TOTAL_BITS - (count - 1) * bits
+        digits[count - 1] &= (1 << top_bits) - 1
+        return digits.astype(np.float64)
 
     def encode_words(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[np.float64]]:
         """Encode statistics already on the fixed-point grid (integers, ``2**-FRACTION_BITS``).

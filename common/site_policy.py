@@ -220,7 +220,8 @@ class RunPlan:
     num_sites : int
         Sites the server plans for.
     protocol, prg : str
-        Round protocol and SecAgg+ mask generator identifiers.
+        Round protocol and SecAgg+ primitives (mask generator + secret sharing,
+        :func:`common.secagg_primitives.suite_id`) identifiers.
     dp : str
         The differential-privacy plan (:class:`common.dp.DpPlan`, canonical JSON), or ``""``
         for a run with exact sums.
@@ -276,8 +277,8 @@ class RunPlan:
             raise SiteRefusal("protocol", f"server speaks protocol {self.protocol!r}; this "
                               f"site speaks {PROTOCOL_ID!r}.")
         if policy.mechanism == "secagg+" and self.prg != prg:
-            raise SiteRefusal("secagg", f"server masks with {self.prg!r}; this site masks "
-                              f"with {prg!r}: the sum could not be unmasked.")
+            raise SiteRefusal("secagg", f"server's SecAgg+ primitives are {self.prg!r}; this "
+                              f"site's are {prg!r}: the sum could not be unmasked.")
         if tuple(self.features) != tuple(features):
             raise SiteRefusal("policy", f"server asks for features {list(self.features)}; this "
                               f"site's data configuration declares {list(features)}.")

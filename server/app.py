@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
-from common import mask_prg
+from common import mask_prg, secagg_primitives, shamir
 from common.autoencoder import AESettings, TabularLayout
 from common.dp import DpPlan, DpSettings, epsilon_spent
 from common.errors import ConfigError, ProtocolError
@@ -48,14 +48,23 @@ from server.coordinator import KMeansCoordinator, KMeansSettings, RoundRecord
 from server.dp_coordinator import DPKMeansCoordinator, expected_noise_summary
 from server.grid import Dropout, FastPollGrid, site_names
 from server.secagg_checks import ScreeningSecAggPlusWorkflow
+from server.secagg_prekeys import NextKeys, NextSetupGrid, PrekeyedSetupGrid, setup_parameters
 from server.strategy import FIRST_ROUND_WAIT, FederatedKMeans, describe_failure
 
-SECAGG_MODULES = (
-    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
-    importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
-)
+_SECAGG_MOD = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+SECAGG_MODULES = (_SECAGG_MOD,
+                  importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"))
 """Flower modules whose SecAgg+ mask generator the server replaces (see common.mask_prg)."""
+PRIMITIVE_MODULES = (_SECAGG_MOD,
+                     importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"))
+"""... and whose key agreement and secret sharing it replaces (common.secagg_primitives)."""
 mask_prg.install(*SECAGG_MODULES)
+secagg_primitives.install(*PRIMITIVE_MODULES)
+
+
+def secagg_suite() -> str:
+    """Return the SecAgg+ suite in force here (masks, secret sharing, key agreement)."""
+    return secagg_primitives.suite_of(SECAGG_MODULES, PRIMITIVE_MODULES)
 
 
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
@@ -326,6 +335,8 @@ class FederationPlan:
                 "max_weight": MAX_WEIGHT,
                 "encoding": "exact fixed-point limbs with public offset (common.secure_sum)",
                 "mask_prg": mask_prg.PRG_ID,
+                "secret_sharing": shamir.SCHEME_ID,
+                "key_agreement": secagg_primitives.KEX_ID,
                 "dropouts_tolerated": self.settings.accept_partial_rounds,
             },
             "differential_privacy": None if self.dp is None else self.dp_record(released),
@@ -381,6 +392,8 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self.parameters_for = parameters_for
         self._sized = False
         self._state: Any = None
+        self._next_keys: NextKeys | None = None
+        self._prekeyed = False
 
     def _fit_to_connected(self, context: LegacyContext) -> None:
         """Size the round's SecAgg+ parameters to the sites still connected.
@@ -421,7 +434,16 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         self._state = state
         self._enter("setup", grid)
         self._fit_to_connected(context)
-        ok = bool(super().setup_stage(grid, context, state))
+        prepared, self._next_keys = self._next_keys, None
+        self._prekeyed = False
+        if prepared is not None and prepared.keys:
+            # Keys the sites made with the last unmask reply (server.secagg_prekeys): used
+            # only if this round samples exactly them, with the parameters they checked.
+            prekeyed = PrekeyedSetupGrid(grid, prepared=prepared)
+            ok = bool(super().setup_stage(prekeyed, context, state))
+            self._prekeyed = prekeyed.used
+        else:
+            ok = bool(super().setup_stage(grid, context, state))
         _forget(state, set(state.sampled_node_ids) - set(state.active_node_ids))
         return ok
 
@@ -435,6 +457,14 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
         Flower's own mod would fail on the missing share): it is taken out of the round here.
         """
         self._enter("share_keys", grid)
+        if self._prekeyed:
+            # The round's first exchange (its set-up rode on the last unmask): a site first
+            # heard from now gets the set-up's time, as it would have in a separate set-up.
+            setup = self.stage_timeouts.get("setup")
+            self.timeout = None if setup is None or self.timeout is None else \
+                max(setup, self.timeout)
+            if isinstance(grid, FastPollGrid):
+                grid.stage_timeout = self.timeout
         before = set(state.active_node_ids)
         ok = bool(super().share_keys_stage(grid, context, state))
         _forget(state, before - set(state.active_node_ids))
@@ -449,7 +479,28 @@ class FailureRecordingSecAggPlusWorkflow(ScreeningSecAggPlusWorkflow):
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         """Run Flower's unmasking stage under its own timeout."""
         self._enter("unmask", grid)
-        return bool(super().unmask_stage(grid, context, state))
+        parameters = self._next_setup_parameters(len(state.active_node_ids))
+        if parameters is None:
+            return bool(super().unmask_stage(grid, context, state))
+        attached = NextSetupGrid(grid, parameters=parameters)
+        ok = bool(super().unmask_stage(attached, context, state))
+        self._next_keys = attached.next if ok else None
+        return ok
+
+    def _next_setup_parameters(self, sites: int) -> dict[str, Any] | None:
+        """Return the set-up parameters the next round sends if it samples ``sites`` sites."""
+        if sites < 2:
+            return None
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if self.parameters_for is not None:
+            try:
+                shares, threshold = self.parameters_for(min(self.planned_sites, sites))
+            except ConfigError:
+                return None
+        return setup_parameters(sites, num_shares=shares, reconstruction_threshold=threshold,
+                                clipping_range=self.clipping_range,
+                                quantization_range=self.quantization_range,
+                                modulus_range=self.modulus_range, max_weight=self.max_weight)
 
     def failure_reasons(self) -> list[str]:
         """Distinct site error texts of the last round (sanitised by the sites)."""
@@ -531,7 +582,7 @@ def run_federated_kmeans(
     if coordinator is None:
         coordinator = plan.new_coordinator()
     codec = SecAggPlusSumCodec(plan.quantization_range) if plan.secagg is not None else None
-    announced = plan.run_plan(prg=mask_prg.active_prg_id(*SECAGG_MODULES))
+    announced = plan.run_plan(prg=secagg_suite())
     strategy = FederatedKMeans(
         coordinator=coordinator, num_sites=plan.num_sites, codec=codec, on_round=on_round,
         run_plan=announced.to_json(),

@@ -58,6 +58,7 @@ from server.report import (
 from server.tracking import log_run_or_warn, require_mlflow
 from simulations.datasets import Population
 from simulations.site_sources import GatedSites, write_sites
+from simulations.sweep import run_objective
 
 register_configs()
 
@@ -203,6 +204,7 @@ def run(
     output_dir: str | Path,
     client_mods: tuple[Any, ...] = (),
     coordinator_factory: Any = None,
+    require_objective: bool = False,
 ) -> dict[str, Any]:
     """Run one simulation from a composed config and write its outputs.
 
@@ -216,14 +218,21 @@ def run(
         Extra outermost ClientApp mods (tests use one to record every message).
     coordinator_factory : callable, optional
         Builds the server's coordinator (the attack tests play a deviating server with it).
+    require_objective : bool
+        The run is a trial of a tuning sweep: refuse up front a config whose ``objective``
+        would have no value (``objective=bic`` under differential privacy).
 
     Returns
     -------
     dict
-        The summary also written to ``summary.json``.
+        The summary also written to ``summary.json``; ``summary["objective"]["value"]`` is the
+        run's score for a tuning sweeper (:func:`simulations.sweep.run_objective`).
     """
     from flwr.simulation import run_simulation
 
+    from simulations import engine
+
+    engine.install()  # one pass per dispatch look, not one per site (simulations/engine.py)
     started = time.perf_counter()
     check_run_config(cfg)
     if cfg.tracking.mlflow:
@@ -242,6 +251,11 @@ def run(
     plan = plan_from_config(cfg, features=population.features, num_sites=num_sites)
     settings, secagg = plan.settings, plan.secagg
     dp = plan.dp
+    if require_objective and dp is not None and str(cfg.objective) == "bic":
+        raise ConfigError(
+            "objective=bic is the federated BIC, but differential privacy does not release the "
+            "federated cost it needs: tune with privacy=secagg (exact sums, in simulation), or "
+            "with objective=pooled_bic (scored on the pooled data: simulation only).")
     policy = site_policy_from_config(
         cfg.site, secagg=secagg is not None,
         dp=None if dp is None else (dp.epsilon, dp.delta))
@@ -400,6 +414,10 @@ def run(
         summary["centralized_cost"] = float(reference.inertia_)
         summary["cost_ratio"] = fed_cost / float(reference.inertia_)
         summary["ari_vs_centralized"] = float(adjusted_rand_score(reference.labels_, fed_labels))
+    summary["objective"] = run_objective(
+        str(cfg.objective), k=settings.k, features=len(model.features),
+        published_sizes=[s.size for s in model.segments],
+        federated_cost=summary["federated_cost"], pooled_cost=fed_cost, pooled_labels=fed_labels)
     summary["seconds"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     OmegaConf.save(cfg, out / "config.resolved.yaml", resolve=True)
@@ -469,17 +487,37 @@ def _print_segments(model: Any, population: Population) -> None:
         print(row)
 
 
+def _tuning_sweep() -> bool:
+    """Whether this job is a trial of an optimising sweeper (Optuna), which needs its score."""
+    target = HydraConfig.get().sweeper.get("_target_", "")
+    return "optuna" in str(target).lower()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Run one simulation; return its ``objective`` (higher is better) for a tuning sweeper.
+
+    A plain run or a basic ``-m`` sweep ignores the value; ``hydra/sweeper=tune`` (Optuna)
+    maximises it. None when the objective is undefined for the run (``objective=bic`` under DP).
+    """
     out = Path(HydraConfig.get().runtime.output_dir)
+    tuning = _tuning_sweep()
     try:
-        run(cfg, output_dir=out)
+        summary = run(cfg, output_dir=out, require_objective=tuning)
     except FedsegError as exc:
         print(f"fedseg: error: {exc}", file=sys.stderr)
         if (out / "site-logs").is_dir():
             print(f"fedseg: each site's full reasons are in its own log: {out / 'site-logs'}",
                   file=sys.stderr)
         sys.exit(2)
+    objective = summary["objective"]
+    if objective["value"] is None:
+        if tuning:
+            _say(f"warning: objective={objective['name']} has no value: {objective['reason']}")
+        return None
+    if tuning:
+        _say(f"objective {objective['name']}={objective['value']:,.1f} (higher is better)")
+    return float(objective["value"])
 
 
 def main() -> None:

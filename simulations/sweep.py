@@ -9,6 +9,10 @@ beside them ``k_selection.csv`` (one row per run), ``k_selection.json`` (rows an
 recommendation) and ``k_selection.html`` (the table and a plot of cost and BIC against k, one
 self-contained page), then prints the table and the recommendation. Scores: see
 :mod:`server.model_selection`. A job that failed is listed as failed, never skipped silently.
+
+It also holds what one run returns to a tuning sweeper (:func:`run_objective`, the ``objective``
+key): ``hydra/sweeper=tune`` (``conf/hydra/sweeper/tune.yaml``, Optuna) maximises it over
+``model.k``, ``strategy.max_rounds`` and ``strategy.n_init`` together.
 """
 
 from __future__ import annotations
@@ -21,11 +25,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.experimental.callback import Callback
+from numpy.typing import NDArray
 from omegaconf import DictConfig
 
 from common.errors import FedsegError
-from server.model_selection import KRun, Recommendation, read_run, recommend, score_runs
+from server.model_selection import (
+    KRun,
+    Recommendation,
+    bic_spherical,
+    read_run,
+    recommend,
+    score_runs,
+)
 
 CSV_NAME = "k_selection.csv"
 JSON_NAME = "k_selection.json"
@@ -34,6 +47,54 @@ HTML_NAME = "k_selection.html"
 
 def _say(message: str) -> None:
     print(f"[fedseg] {message}", flush=True)
+
+
+def run_objective(name: str, *, k: int, features: int, published_sizes: list[int],
+                  federated_cost: float | None, pooled_cost: float,
+                  pooled_labels: NDArray[np.intp]) -> dict[str, Any]:
+    """Score one run for a tuning sweeper: higher is better (``summary.json``'s ``objective``).
+
+    Raw cost always falls as k grows, so it cannot choose k; both objectives are the X-means BIC
+    of :func:`server.model_selection.bic_spherical`, which charges each extra centre.
+
+    Parameters
+    ----------
+    name : {"bic", "pooled_bic"}
+        ``bic``: the federated BIC, exactly the one ``k_selection.*`` reports for the run (the
+        final round's secure-sum cost and the published segment sizes). ``pooled_bic``: the same
+        formula on the simulation's evaluation of the published model on the pooled data (its
+        cost and its segments' sizes there): simulation only, but defined under differential
+        privacy, where the federated cost is not released.
+    k : int
+        Segments requested.
+    features : int
+        Dimensions of the model's feature space (as :func:`server.model_selection.read_run`).
+    published_sizes : list of int
+        Published segment sizes (noisy under DP).
+    federated_cost : float or None
+        The final round's secure-sum cost (None under DP).
+    pooled_cost : float
+        Cost of the published model on the pooled data.
+    pooled_labels : ndarray
+        Each pooled customer's published segment.
+
+    Returns
+    -------
+    dict
+        ``name``, ``value`` (None when undefined) and, when None, ``reason``.
+    """
+    if name == "bic":
+        if federated_cost is None:
+            return {"name": name, "value": None, "reason": (
+                "differential privacy does not release the federated cost: tune with "
+                "privacy=secagg, or objective=pooled_bic (simulation only)")}
+        return {"name": name, "value": bic_spherical(
+            sizes=published_sizes, cost=federated_cost, k=k, features=features)}
+    if name == "pooled_bic":
+        sizes = np.bincount(pooled_labels, minlength=len(published_sizes)).tolist()
+        return {"name": name, "value": bic_spherical(
+            sizes=sizes, cost=pooled_cost, k=k, features=features)}
+    raise FedsegError(f"unknown objective {name!r}")
 
 
 def compare_sweep(sweep_dir: str | Path) -> tuple[list[KRun], list[str], Recommendation]:

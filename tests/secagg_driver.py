@@ -18,6 +18,7 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from common.protocol import NEXT_KEYS_RECORD, NEXT_SETUP_RECORD
 from common.secure_sum import CLIPPING_RANGE, MAX_WEIGHT, MODULUS_RANGE, quantization_range_for
 
 
@@ -37,6 +38,7 @@ class SecAggDriver:
         self.sent = 0
         self.public_keys: dict[int, list[bytes]] = {}
         self.ciphertexts: dict[int, dict[int, bytes]] = {}
+        self.next_keys: dict[int, list[bytes]] = {}
 
     def send(self, nid: int, configs: dict[str, Any], content: RecordDict | None = None
              ) -> Message:
@@ -97,12 +99,41 @@ class SecAggDriver:
                 Key.SOURCE_LIST: list(incoming.keys())}, content)
         return replies
 
-    def unmask(self, lists: dict[int, tuple[list[int], list[int]]]) -> dict[int, Message]:
-        """Stage 3: per site, the (active, dead) lists the server claims."""
-        return {nid: self.send(nid, {Key.STAGE: Stage.UNMASK,
-                                     Key.ACTIVE_NODE_ID_LIST: active,
-                                     Key.DEAD_NODE_ID_LIST: dead})
-                for nid, (active, dead) in lists.items()}
+    def unmask(self, lists: dict[int, tuple[list[int], list[int]]],
+               next_setup: dict[str, Any] | None = None) -> dict[int, Message]:
+        """Stage 3: per site, the (active, dead) lists the server claims.
+
+        ``next_setup``: the next round's set-up parameters, sent along as fedseg's server does
+        (``server.secagg_prekeys``); the sites' next public keys are then remembered.
+        """
+        replies = {}
+        for nid, (active, dead) in lists.items():
+            content = None
+            if next_setup is not None:
+                content = RecordDict({NEXT_SETUP_RECORD: ConfigRecord(dict(next_setup))})
+            replies[nid] = self.send(nid, {Key.STAGE: Stage.UNMASK,
+                                           Key.ACTIVE_NODE_ID_LIST: active,
+                                           Key.DEAD_NODE_ID_LIST: dead}, content)
+        if next_setup is not None:
+            self.next_keys = {
+                nid: [r.content.config_records[NEXT_KEYS_RECORD][Key.PUBLIC_KEY_1],
+                      r.content.config_records[NEXT_KEYS_RECORD][Key.PUBLIC_KEY_2]]
+                for nid, r in replies.items()
+                if not r.has_error() and NEXT_KEYS_RECORD in r.content.config_records}
+        return replies
+
+    def next_round(self, round_id: str) -> None:
+        """Start the next round with the keys the sites sent in their last unmask replies."""
+        self.round_id = round_id
+        self.public_keys = dict(self.next_keys)
+        self.ciphertexts = {}
+
+    def setup_configs(self, *, share_num: int, threshold: int) -> dict[str, Any]:
+        """The set-up parameters (no stage key) for every site of the driver."""
+        n = len(self.nodes)
+        return {Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: share_num, Key.THRESHOLD: threshold,
+                Key.CLIPPING_RANGE: CLIPPING_RANGE, Key.TARGET_RANGE: quantization_range_for(n),
+                Key.MOD_RANGE: MODULUS_RANGE, Key.MAX_WEIGHT: MAX_WEIGHT}
 
 
 def shares_for(reply: Message, owner: int) -> list[bytes]:

@@ -142,6 +142,14 @@ def test_a_real_deployment_equals_the_simulation(tmp_path: Path) -> None:
     logs = sorted((tmp_path / "site-state" / "audit").glob("site-*.jsonl"))
     assert [p.name for p in logs] == ["site-site0.jsonl", "site-site1.jsonl", "site-site2.jsonl"]
     assert all(verify_chain(p).ok for p in logs)
+    # Real SuperNodes set up once per run (the log holds this test's runs): every later
+    # round's keys rode on the previous round's unmask.
+    for log in logs:
+        entries = [json.loads(line) for line in log.read_text("utf-8").splitlines()]
+        stages = [e["stage"] for e in entries]
+        assert {e["round"] for e in entries if e["stage"] == "setup"} == {"1"}, stages
+        assert stages.count("unmask+setup") == stages.count("collect_masked_vectors") > 1
+        assert stages.count("setup") < stages.count("collect_masked_vectors") / 2
 
 
 def _hostile_app(root: Path) -> Path:

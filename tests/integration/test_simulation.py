@@ -14,7 +14,7 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from client.audit import make_capture_mod
-from common.protocol import Phase, reply_shapes
+from common.protocol import NEXT_KEYS_RECORD, Phase, reply_shapes
 from common.secure_sum import SecAggPlusSumCodec, quantization_range_for
 from simulations.datasets import SyntheticCustomers
 from simulations.run import run
@@ -83,9 +83,11 @@ def assert_sites_sent_only_public_aggregates(capture: Path, cfg, summary: dict, 
                    [*table.customer_id[:500], *table.email[:500], *table.name[:500]]]
     site_sizes = set(summary["site_sizes"])
     sidecars = sorted(capture.glob("*.json"))
-    # 4 SecAgg+ stages per round and site, less the replies a dropped site never sent.
-    assert len(sidecars) >= num_sites * 4 * summary["rounds"] - 2 * dropped_replies
-    masked_replies = 0
+    # 4 SecAgg+ stages in the first round, then 3 per round and site (the next round's set-up
+    # rides on the unmask), less the replies a dropped site never sent.
+    rounds = summary["rounds"]
+    assert len(sidecars) >= num_sites * (3 * rounds + 1) - 2 * dropped_replies
+    masked_replies = next_keys = 0
     n_candidates = 10 * k
     for sidecar in sidecars:
         meta = json.loads(sidecar.read_text())
@@ -98,6 +100,13 @@ def assert_sites_sent_only_public_aggregates(capture: Path, cfg, summary: dict, 
         for ident in identifiers:
             assert ident not in payload
         content = recorddict_from_proto(ProtoRecordDict.FromString(payload))
+        assert set(content.config_records) <= {RECORD_KEY_CONFIGS, NEXT_KEYS_RECORD,
+                                               "fitres.metrics", "fitres.status"}, meta
+        if NEXT_KEYS_RECORD in content.config_records:  # two public keys, nothing else
+            keys = content.config_records[NEXT_KEYS_RECORD]
+            assert sorted(keys) == sorted([Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2])
+            assert all(isinstance(v, bytes) and len(v) == 32 for v in keys.values())
+            next_keys += 1
         secagg_cfg = content.config_records[RECORD_KEY_CONFIGS]
         if Key.MASKED_PARAMETERS not in secagg_cfg:
             continue
@@ -113,7 +122,8 @@ def assert_sites_sent_only_public_aggregates(capture: Path, cfg, summary: dict, 
         shapes = [bytes_to_ndarray(b).shape for b in secagg_cfg[Key.MASKED_PARAMETERS]]
         assert shapes == expected, (phase, shapes)
         assert not any(dim in site_sizes for shape in shapes for dim in shape)
-    assert masked_replies == num_sites * summary["rounds"] - dropped_replies
+    assert masked_replies == num_sites * rounds - dropped_replies
+    assert next_keys >= num_sites * (rounds - 1) - 2 * dropped_replies
 
 
 def test_every_message_a_site_sends_carries_only_public_shapes(secagg_and_plain_runs):

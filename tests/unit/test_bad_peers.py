@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import SiteData, make_client_app, site_statistics
-from common import mask_prg
+from common import mask_prg, secagg_primitives
 from common.dp import DpSettings, round_noise_std
 from common.errors import ProtocolError
 from common.features import FeatureSpec
@@ -80,10 +80,14 @@ from simulations.faults import (
     make_bad_reply_mod,
 )
 
-# The server's side of the SecAgg+ mask generator, as server.app installs it.
+# The server's side of the SecAgg+ mask generator and secret sharing, as server.app installs them.
 mask_prg.install(
     importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
     importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils"),
+)
+secagg_primitives.install(
+    importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
+    importlib.import_module("flwr.common.secure_aggregation.crypto.shamir"),
 )
 
 POPULATION = SyntheticCustomers(num_customers=800, num_regions=4).load(seed=2)
@@ -101,7 +105,7 @@ def _settings(*, partial: bool = False) -> KMeansSettings:
 def _run_plan(num_sites: int) -> RunPlan:
     return RunPlan(features=tuple(f.name for f in FEATURES), k=K, n_init=1, init="summary",
                    init_candidates=CANDIDATES, init_rounds=1, max_rounds=5,
-                   num_sites=num_sites, prg=mask_prg.PRG_ID)
+                   num_sites=num_sites, prg=secagg_primitives.SUITE_ID)
 
 
 def _parts(num_sites: int) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import hydra
 import pytest
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from common.config import register_configs
 from common.errors import ConfigError
@@ -46,9 +46,10 @@ def _settings(cfg: DictConfig) -> KMeansSettings:
 
 
 def test_conf_dir_holds_one_folder_per_group():
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"contracts"}
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"contracts", "hydra"}
 
-    # conf/contracts holds example data contracts (read by fedseg-site), not a Hydra group
+    # conf/contracts holds example data contracts (read by fedseg-site), not a Hydra group;
+    # conf/hydra adds options to Hydra's own groups (hydra/sweeper=tune)
     assert groups == {"data", "partition", "model", "strategy", "privacy", "federation", "site"}
 
 
@@ -273,3 +274,27 @@ def test_an_unknown_stage_timeout_is_refused_when_composing():
 
     with pytest.raises(ConfigError, match=r"stage_timeouts\.shares"):
         compose_config("privacy.stage_timeouts.shares=3")
+
+
+def test_objective_defaults_to_the_federated_bic_and_an_unknown_one_is_refused(compose):
+    from common.config import check_run_config
+
+    assert compose().objective == "bic"
+    check_run_config(compose("objective=pooled_bic"))
+    with pytest.raises(ConfigError, match=r"objective='cost'.*bic, pooled_bic"):
+        check_run_config(compose("objective=cost"))
+
+
+def test_the_tune_sweeper_searches_k_rounds_and_restarts_with_a_seeded_sampler():
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra.compose("config", overrides=["hydra/sweeper=tune"],
+                            return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.sampler.seed == 0 and 0 < sweeper.n_trials <= 20
+    assert set(sweeper.params) == {"model.k", "strategy.max_rounds", "strategy.n_init"}
+    # every searched key exists in the composed run config
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None

@@ -14,7 +14,6 @@ from scipy import stats
 
 from client.app import SiteClient, SiteData
 from client.site_files import SiteFiles
-from common import mask_prg
 from common.dp import (
     GAMMA,
     DpPlan,
@@ -32,6 +31,7 @@ from common.dp import (
 from common.errors import ConfigError, SiteRefusal
 from common.features import FeatureSpec, apply_transforms
 from common.protocol import GROUPS_KEY, KMEANS_PHASES, PHASE_KEY, PLAN_KEY, ROUND_KEY, Phase
+from common.secagg_primitives import SUITE_ID
 from common.site_policy import RunPlan, SitePolicy
 from server.app import SecAggDpSettings
 
@@ -48,7 +48,7 @@ def _dp_plan(epsilon=1.0, init_rounds=1, lloyd_rounds=2) -> DpPlan:
 def _run_plan(dp: DpPlan) -> RunPlan:
     return RunPlan(features=("spend", "visits"), k=3, n_init=1, init="summary",
                    init_candidates=8, init_rounds=dp.rounds["init"],
-                   max_rounds=dp.rounds["lloyd"], num_sites=3, prg=mask_prg.PRG_ID,
+                   max_rounds=dp.rounds["lloyd"], num_sites=3, prg=SUITE_ID,
                    dp=dp.to_json())
 
 
@@ -266,15 +266,15 @@ def test_sites_refuse_plans_without_dp_and_dp_plans_that_do_not_match(tmp_path):
     dp = _dp_plan()
     exact = RunPlan(features=("spend", "visits"), k=3, n_init=1, init="summary",
                     init_candidates=8, init_rounds=1, max_rounds=2, num_sites=3,
-                    prg=mask_prg.PRG_ID)
+                    prg=SUITE_ID)
     with pytest.raises(SiteRefusal, match="no differential privacy") as info:
-        exact.check_against(SitePolicy(), features=("spend", "visits"), prg=mask_prg.PRG_ID)
+        exact.check_against(SitePolicy(), features=("spend", "visits"), prg=SUITE_ID)
     assert info.value.code == "policy"
     exact.check_against(SitePolicy(require_dp=False), features=("spend", "visits"),
-                        prg=mask_prg.PRG_ID)
+                        prg=SUITE_ID)
     sneaky = RunPlan(**{**_run_plan(dp).__dict__, "max_rounds": 20})  # more Lloyd rounds
     with pytest.raises(SiteRefusal, match="do not match") as info:
-        sneaky.check_against(SitePolicy(), features=("spend", "visits"), prg=mask_prg.PRG_ID)
+        sneaky.check_against(SitePolicy(), features=("spend", "visits"), prg=SUITE_ID)
     assert info.value.code == "protocol"
 
 

@@ -19,7 +19,7 @@ from server.model_selection import (
     recommend,
     score_runs,
 )
-from simulations.sweep import compare_sweep, write_comparison
+from simulations.sweep import compare_sweep, run_objective, write_comparison
 
 
 def _blobs(k: int = 4, n: int = 2400, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -106,3 +106,31 @@ def test_a_sweep_lists_failed_jobs_and_writes_its_comparison(tmp_path: Path):
     saved = json.loads((tmp_path / "k_selection.json").read_text(encoding="utf-8"))
     assert saved["recommended_k"] == rec.k and saved["failed"] == ["2_model.k=4"]
     assert "2_model.k=4" in page.read_text(encoding="utf-8")
+
+
+def test_a_runs_objective_is_the_bic_the_k_comparison_reports():
+    x = _blobs()
+    run = score_runs(_runs(x, range(4, 5)))[0]
+    labels = KMeans(n_clusters=4, n_init=5, random_state=0).fit(x).labels_
+    common = {"k": 4, "features": x.shape[1], "published_sizes": list(run.sizes),
+              "pooled_labels": labels}
+    federated = run_objective("bic", federated_cost=run.cost, pooled_cost=1.0, **common)
+    assert federated == {"name": "bic", "value": run.bic}
+    # pooled: the same formula on the pooled cost and the pooled segments' sizes
+    pooled = run_objective("pooled_bic", federated_cost=None, pooled_cost=run.cost, **common)
+    assert pooled["value"] == pytest.approx(run.bic, rel=1e-12)
+    # under DP the federated cost is not released: no value, and the reason says what to do
+    dp = run_objective("bic", federated_cost=None, pooled_cost=run.cost, **common)
+    assert dp["value"] is None and "privacy=secagg" in dp["reason"]
+
+
+def test_the_objective_chooses_k_where_raw_cost_cannot():
+    x = _blobs()
+    runs = score_runs(_runs(x, range(2, 9)))
+    costs = [r.cost for r in runs]
+    assert costs == sorted(costs, reverse=True)  # cost always falls with k
+    values = {r.k: run_objective("bic", k=r.k, features=r.features,
+                                 published_sizes=list(r.sizes), federated_cost=r.cost,
+                                 pooled_cost=0.0, pooled_labels=np.zeros(1, dtype=np.intp))
+              ["value"] for r in runs}
+    assert max(values, key=values.__getitem__) == 4  # the 4 true segments

@@ -14,13 +14,13 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto import shamir as secagg_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
 
 from client.app import make_client_app
 from common.errors import SITE_ERROR_PREFIX
-from common.mask_prg import PRG_ID
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY
+from common.secagg_primitives import SUITE_ID
 from common.site_policy import RunPlan, SitePolicy
 from simulations.datasets import PartitionedSites, SyntheticCustomers
 from tests.secagg_driver import SecAggDriver, shares_for
@@ -54,7 +54,7 @@ def _site_apps(n: int, policy: SitePolicy, root) -> list[ClientApp]:
 def _moments_instruction(n: int) -> tuple[list, dict]:
     plan = RunPlan(features=tuple(f.name for f in POPULATION.features), k=3, n_init=1,
                    init="summary", init_candidates=30, init_rounds=1, max_rounds=5, num_sites=n,
-                   prg=PRG_ID)
+                   prg=SUITE_ID)
     return [], {PHASE_KEY: "moments", ROUND_KEY: 1, GROUPS_KEY: 1, PLAN_KEY: plan.to_json()}
 
 
@@ -79,8 +79,11 @@ def test_flower_mod_alone_gives_both_secrets_of_a_site_listed_active_and_dead():
     seed_shares = [shares_for(replies[n], a)[0] for n in (b, c)]
     key_shares = [shares_for(replies[n], a)[1] for n in (b, c)]
     state = driver.contexts[a].state.config_records[RECORD_KEY_STATE]
-    assert combine_shares(seed_shares) == state["rd_seed"]
-    assert combine_shares(key_shares) == state["sk1"]  # both secrets: A's vector is readable
+    # The secret sharing in force (fedseg's, installed by client.app at import) -- looked up
+    # now, not bound at this module's import, which may come first.
+    assert secagg_shamir.combine_shares(seed_shares) == state["rd_seed"]
+    # Both secrets: A's vector is readable.
+    assert secagg_shamir.combine_shares(key_shares) == state["sk1"]
 
 
 def test_a_fedseg_site_refuses_the_active_and_dead_lie(tmp_path):

@@ -98,19 +98,23 @@ def test_fewer_than_threshold_colluding_shares_do_not_reveal_a_mask_key(num_site
 
 
 def _flower_resolution(num_shares, threshold, num_samples):
-    """Flower 1.42's own resolution in SecAggPlusWorkflow.setup_stage (constructor + set-up)."""
+    """Flower 1.42's own resolution in SecAggPlusWorkflow.setup_stage (constructor + set-up).
+
+    The sent parameters are ``server.secagg_prekeys.setup_parameters``, itself checked against
+    Flower's running set-up stage (tests/unit/test_secagg_prekeys.py); Flower then makes an
+    even neighbourhood odd.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
     from flwr.server.workflow import SecAggPlusWorkflow
 
+    from server.secagg_prekeys import setup_parameters
+
     workflow = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold)
-    shares, t = workflow.num_shares, workflow.reconstruction_threshold
-    if isinstance(shares, float):
-        shares = round(shares * num_samples)
-        if shares < num_samples and shares & 1 == 0:
-            shares += 1
-        if shares <= 2:
-            shares = num_samples
-    if isinstance(t, float):
-        t = max(round(t * shares), 2)
+    sent = setup_parameters(num_samples, num_shares=workflow.num_shares,
+                            reconstruction_threshold=workflow.reconstruction_threshold,
+                            clipping_range=1.0, quantization_range=2, modulus_range=2**32,
+                            max_weight=1.0)
+    shares, t = sent[Key.SHARE_NUMBER], sent[Key.THRESHOLD]
     if num_samples != shares and shares & 1 == 0:
         shares += 1
     # Neighbourhood actually built: the ring of 2 * (shares // 2) + 1 sites (capped at n).

@@ -157,3 +157,40 @@ def test_maximum_site_count_with_extreme_values_cannot_wrap():
 def test_more_sites_than_supported_are_refused_before_anything_runs():
     with pytest.raises(ConfigError, match="too many"):
         quantization_range_for(2**16 + 1)
+
+
+def reference_encode(codec: SecAggPlusSumCodec, values: np.ndarray) -> np.ndarray:
+    """The encoding entry by entry in Python integers (the definition the fast path must meet)."""
+    modulus, mask = 1 << 128, codec.quantization_range - 1
+    flat = np.asarray(values, dtype=np.float64).ravel().tolist()
+    out = np.empty((codec.limbs, len(flat)))
+    for j, value in enumerate(flat):
+        word = (round(value * (1 << FRACTION_BITS)) + codec.offset) % modulus
+        for limb in range(codec.limbs):
+            m = (word >> (limb * codec.limb_bits)) & mask
+            out[limb, j] = m * (2.0 / codec.quantization_range) - 1.0
+    return out.reshape(codec.limbs, *np.shape(values))
+
+
+_EDGES = [0.0, -0.0, 0.5 * 2.0**-FRACTION_BITS, -0.5 * 2.0**-FRACTION_BITS,
+          1.5 * 2.0**-FRACTION_BITS, -2.5 * 2.0**-FRACTION_BITS, 1e-30, -1e-30, 1.0, -1.0,
+          2.0**63, -(2.0**63), np.nextafter(MAX_ABS_VALUE, 0), -np.nextafter(MAX_ABS_VALUE, 0),
+          2.0**40 - 2.0**-FRACTION_BITS, -(2.0**40) + 2.0**-FRACTION_BITS]
+
+
+@pytest.mark.parametrize("q", [2**16, 2**25, 2**27, 2**29, 2**30, 2**31])
+def test_vectorised_encoding_equals_the_integer_definition_at_the_edges(q):
+    codec = SecAggPlusSumCodec(q)
+    values = np.array(_EDGES)
+    np.testing.assert_array_equal(codec.encode([values])[0], reference_encode(codec, values))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([2**16, 2**25, 2**29, 2**31]),
+       st.lists(st.floats(-MAX_ABS_VALUE / 2, MAX_ABS_VALUE / 2, allow_nan=False,
+                          allow_subnormal=True), min_size=1, max_size=12),
+       st.integers(-60, 80))
+def test_property_vectorised_encoding_equals_the_integer_definition(q, values, scale):
+    codec = SecAggPlusSumCodec(q)
+    arr = np.clip(np.array(values) * 2.0**scale, -MAX_ABS_VALUE / 2, MAX_ABS_VALUE / 2)
+    np.testing.assert_array_equal(codec.encode([arr])[0], reference_encode(codec, arr))

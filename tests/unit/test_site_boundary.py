@@ -21,7 +21,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 import client.app
 from client.app import SiteClient, SiteData, make_client_app
-from common import mask_prg
+from common import mask_prg, secagg_primitives
 from common.errors import DataError, ProtocolError, SiteRefusal, public_site_error
 from common.features import FeatureSpec
 from common.protocol import GROUPS_KEY, PHASE_KEY, PLAN_KEY, ROUND_KEY, Phase
@@ -38,7 +38,7 @@ EMAIL = "jane.doe@example.com"
 def _plan(features=("spend", "visits"), **changes) -> RunPlan:
     base = {"features": tuple(features), "k": 2, "n_init": 1, "init": "summary",
             "init_candidates": 20, "init_rounds": 1, "max_rounds": 5, "num_sites": 3,
-            "prg": mask_prg.PRG_ID}
+            "prg": secagg_primitives.SUITE_ID}
     base.update(changes)
     return RunPlan(**base)
 
@@ -117,19 +117,21 @@ def test_the_run_config_cannot_switch_privacy_off_or_choose_data_or_logs(tmp_pat
     assert "plain training reply" in (site_dir / "site-logs" / "site-0.log").read_text()
 
 
-# --- 5: mask generators must match ------------------------------------------------------------
+# --- 5: SecAgg+ primitives (mask generator, secret sharing) must match ------------------------
 
-def test_a_site_without_the_mask_replacement_refuses_to_mask(tmp_path):
+@pytest.mark.parametrize(("patch", "modules"), [(mask_prg, "SECAGG_MODULES"),
+                                                (secagg_primitives, "PRIMITIVE_MODULES")])
+def test_a_site_without_a_replaced_primitive_refuses_to_take_part(tmp_path, patch, modules):
     site = SiteData(raw=np.random.default_rng(0).normal(size=(50, 2)), features=FEATURES)
-    mask_prg.uninstall(*client.app.SECAGG_MODULES)
+    patch.uninstall(*getattr(client.app, modules))
     try:
-        with pytest.raises(SiteRefusal, match="masks with") as info:
+        with pytest.raises(SiteRefusal, match=r"SecAgg\+ primitives are") as info:
             SiteClient(site, _context(), policy=SitePolicy(require_dp=False)).admit(
                 _moments_config(_plan()), [])
         assert info.value.code == "secagg"
     finally:
-        mask_prg.install(*client.app.SECAGG_MODULES)
-    assert mask_prg.is_installed(*client.app.SECAGG_MODULES)
+        patch.install(*getattr(client.app, modules))
+    assert patch.is_installed(*getattr(client.app, modules))
 
 
 def test_install_checks_the_flower_version_and_the_call_sites():

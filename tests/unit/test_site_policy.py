@@ -130,7 +130,7 @@ def test_a_plan_changed_mid_run_is_refused():
     ({"max_rounds": 500}, "policy", "max_rounds=500 exceeds"),
     ({"features": ("email",)}, "policy", "features"),
     ({"num_sites": 2}, "federation", "at least 3"),
-    ({"prg": "flower-randomstate-fold32"}, "secagg", "masks with"),
+    ({"prg": "flower-randomstate-fold32"}, "secagg", "SecAgg\\+ primitives are"),
     ({"protocol": "fedseg-kmeans/1"}, "protocol", "speaks protocol"),
 ])
 def test_plans_outside_the_policy_are_refused_with_a_code(changes, code, match):
