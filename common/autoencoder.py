@@ -190,6 +190,12 @@ class AESettings:
         a longer one is scaled down to it (0: off). It ties the local step to a fixed size
         whatever the data's gradient scale, so one ``lr`` suits data sets whose gradients
         differ severalfold.
+    candidates : int
+        Models trained one after the other, ``rounds`` rounds each, from different initial
+        weights (:meth:`candidate_seed`); the one whose mean reconstruction loss over all
+        customers -- released by the secure sums of its last training round -- is lowest is
+        kept. 1: a single model. Every site trains ``rounds * candidates`` rounds
+        (:attr:`training_rounds`); the temperature schedule restarts with each candidate.
     numeric_weight : float
         Weight of a numeric feature's squared error (on its standardised value) in the
         reconstruction loss, where each flag's binary and each categorical's cross-entropy
@@ -224,6 +230,7 @@ class AESettings:
     split_source: str = "loss_sum"
     clip_norm: float = 0.2
     numeric_weight: float = 1.0
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -274,6 +281,8 @@ class AESettings:
         if int(self.local_steps) < 0:
             raise ConfigError(f"model.autoencoder.local_steps={self.local_steps} should be "
                               ">= 0 (0: local_epochs passes).")
+        if int(self.candidates) < 1:
+            raise ConfigError(f"model.autoencoder.candidates={self.candidates} should be >= 1.")
         if not self.numeric_weight > 0:
             raise ConfigError(f"model.autoencoder.numeric_weight={self.numeric_weight} should "
                               "be > 0.")
@@ -288,14 +297,29 @@ class AESettings:
         """Whether ``ae_train`` replies carry per-code customer counts and loss sums."""
         return self.bottleneck == "gumbel_softmax" and self.split_share > 0
 
+    @property
+    def training_rounds(self) -> int:
+        """Training rounds of the whole run: ``rounds`` for each of the ``candidates``."""
+        return int(self.rounds) * int(self.candidates)
+
+    def candidate_seed(self, candidate: int) -> int:
+        """Seed of candidate ``candidate``'s initial weights (candidate 0: ``seed`` itself)."""
+        if candidate == 0:
+            return int(self.seed)
+        return int(np.random.default_rng([int(self.seed), int(candidate), 3]).integers(2**31))
+
     def split_round(self, done_rounds: int) -> bool:
-        """Whether the server looks for dead codes after ``done_rounds`` training rounds."""
+        """Whether the server looks for dead codes after ``done_rounds`` rounds of a candidate."""
         return (self.code_statistics and done_rounds % int(self.split_every) == 0
                 and done_rounds <= self.split_until * int(self.rounds))
 
     def temperature(self, train_round: int) -> float:
-        """Gumbel-softmax temperature of training round ``train_round`` (0-based)."""
-        fraction = min(1.0, max(0, int(train_round)) / max(1, int(self.rounds) - 1))
+        """Gumbel-softmax temperature of training round ``train_round`` (0-based, in the run).
+
+        The schedule restarts with each candidate (``train_round`` modulo ``rounds``).
+        """
+        within = max(0, int(train_round)) % int(self.rounds)
+        fraction = min(1.0, within / max(1, int(self.rounds) - 1))
         return float(self.temperature_start
                      * (self.temperature_end / self.temperature_start) ** fraction)
 

@@ -361,7 +361,8 @@ class RunPlan:
         if self.dp:
             raise SiteRefusal("policy", "the autoencoder's training is not differentially "
                               "private yet; this site trains it only in runs without DP.")
-        limits = [("autoencoder rounds", settings.rounds, policy.max_ae_rounds),
+        limits = [("autoencoder rounds x candidates", settings.training_rounds,
+                   policy.max_ae_rounds),
                   ("local epochs", settings.local_epochs, policy.max_ae_epochs),
                   ("autoencoder parameters", n_params, policy.max_ae_params),
                   ("embedding size", settings.embed_dim, policy.max_embed_dim)]
@@ -485,7 +486,7 @@ class SiteSession:
         (it then answers fewer requests, never more): what bounds the server is the count of
         each phase, the order, and one profile round.
         """
-        ae_rounds = plan.ae_settings()[0].rounds if plan.ae else 0
+        ae_rounds = plan.ae_settings()[0].training_rounds if plan.ae else 0
         caps = {Phase.MOMENTS: 1, Phase.AE_TRAIN: ae_rounds, Phase.EMBED: 1 if plan.ae else 0,
                 Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds, Phase.PROFILE: 1}
         if plan.ae and not done[Phase.EMBED]:

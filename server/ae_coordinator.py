@@ -74,6 +74,9 @@ class AEKMeansCoordinator(CoordinatorViews):
     ae_gradient_norm: list[float] = field(default_factory=list)
     code_shares: list[list[float]] = field(default_factory=list)
     code_splits: list[dict[str, int]] = field(default_factory=list)
+    candidate_losses: list[float] = field(default_factory=list)
+    chosen_candidate: int | None = None
+    candidate_weights: list[NDArray[np.float64]] = field(default_factory=list)
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -90,6 +93,8 @@ class AEKMeansCoordinator(CoordinatorViews):
         self._adam_v = np.zeros(self.n_params)
         # Dead-code splits: consecutive looks each code has been dead at.
         self._dead_looks = np.zeros(self.ae.embed_dim, dtype=np.int64)
+        # Candidates (``ae.candidates``): the weights of the best one finished so far.
+        self._best_weights: NDArray[np.float64] | None = None
         self.embedding_features = tuple(
             FeatureSpec(name=f"embedding_{i}") for i in range(self.ae.embed_dim))
 
@@ -244,12 +249,43 @@ class AEKMeansCoordinator(CoordinatorViews):
         record.cost = float(loss[0] / n)  # mean reconstruction loss at the weights sent
         self.ae_loss.append(record.cost)
         self.ae_rounds += 1
+        within = self.ae_rounds - self.candidate * int(self.ae.rounds)
         if code_counts is not None and code_loss is not None:
             self.code_shares.append([float(v) for v in code_counts / n])
-            if self.ae.split_round(self.ae_rounds):
+            if self.ae.split_round(within) and within < int(self.ae.rounds):
                 self._split_dead_code(code_counts / n, code_loss)
-        if self.ae_rounds >= self.ae.rounds:
-            self.phase = Phase.EMBED
+        if within >= int(self.ae.rounds):
+            self._finish_candidate(record.cost)
+
+    @property
+    def candidate(self) -> int:
+        """Index of the candidate being trained (the last one once training is over)."""
+        return min(len(self.candidate_losses), int(self.ae.candidates) - 1)
+
+    def _finish_candidate(self, loss: float) -> None:
+        """Keep the candidate if its released loss is the lowest so far; start the next one.
+
+        ``loss`` is the mean reconstruction loss over all customers at the weights sent in the
+        candidate's last round -- a secure sum divided by a secure sum, the same statistic
+        whoever holds the data -- so the choice reveals nothing the training did not.
+        """
+        if not self.candidate_losses or loss < min(self.candidate_losses):
+            self._best_weights = self.weights.copy()
+            self.chosen_candidate = len(self.candidate_losses)
+        self.candidate_losses.append(loss)
+        self.candidate_weights.append(self.weights.copy())
+        if len(self.candidate_losses) < int(self.ae.candidates):
+            seed = self.ae.candidate_seed(len(self.candidate_losses))
+            self.weights = build_model(self.layout, replace(self.ae, seed=seed)).get_flat()
+            self.control = np.zeros(self.n_params)
+            self.anchor = self.weights.copy()
+            self._adam_m = np.zeros(self.n_params)
+            self._adam_v = np.zeros(self.n_params)
+            self._dead_looks = np.zeros(self.ae.embed_dim, dtype=np.int64)
+            return
+        assert self._best_weights is not None
+        self.weights = self._best_weights
+        self.phase = Phase.EMBED
 
     def _split_dead_code(self, shares: NDArray[np.float64], loss: NDArray[np.float64]) -> None:
         """Re-seed one dead code by splitting the live code with the largest loss (sum or mean).
@@ -273,7 +309,7 @@ class AEKMeansCoordinator(CoordinatorViews):
         self.control = np.zeros(self.n_params)
         self._dead_looks[int(dead[0])] = 0
         self.code_splits.append({"round": self.ae_rounds, "dead": int(dead[0]),
-                                 "source": source})
+                                 "source": source, "candidate": self.candidate})
 
     # -- the product ------------------------------------------------------------------------
 
@@ -290,6 +326,8 @@ class AEKMeansCoordinator(CoordinatorViews):
                             "loss_per_round": list(self.ae_loss),
                             "gradient_norm_per_round": list(self.ae_gradient_norm),
                             "code_splits": list(self.code_splits),
+                            "candidate_losses": list(self.candidate_losses),
+                            "chosen_candidate": self.chosen_candidate,
                             "code_shares_last_round": (self.code_shares[-1]
                                                        if self.code_shares else None),
                             "client_drift_fix": ", ".join(

@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from common.autoencoder import AESettings, TabularLayout, build_model, local_train, standardise
+from common.autoencoder import (
+    AESettings,
+    TabularLayout,
+    build_model,
+    embed,
+    local_train,
+    standardise,
+)
 from common.features import apply_transforms
 from server.coordinator import KMeansSettings
 from simulations.datasets import ByGroupPartition, MixedCustomers, Population, SyntheticCustomers
@@ -55,14 +62,27 @@ def _kmeans_ari(population: Population, parts: list[Any], settings: KMeansSettin
 
 
 def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
-            ae: AESettings) -> tuple[float, float, int]:
-    """ARI, seconds and the number of dead-code splits of one in-process run."""
+            ae: AESettings) -> tuple[float, float, int, list[dict[str, float]]]:
+    """ARI, seconds, dead-code splits and the candidates of one in-process run.
+
+    Each candidate: its released last-round loss and the ARI of its customers' most likely
+    codes (a diagnostic that needs the truth; the run chooses by the loss only).
+    """
     started = time.perf_counter()
     coordinator = run_inprocess_ae([population.raw[p] for p in parts],
                                    features=population.features, settings=settings, ae=ae)
     model = coordinator.build_model(privacy={}, config={})
     ari = float(adjusted_rand_score(population.labels, model.assign(population.raw)))
-    return ari, time.perf_counter() - started, len(coordinator.code_splits)
+    seconds = time.perf_counter() - started
+    assert coordinator.scaler is not None
+    layout = TabularLayout.from_features(population.features)
+    x = standardise(apply_transforms(population.raw, population.features), layout,
+                    coordinator.scaler.mean, coordinator.scaler.std)
+    candidates = [{"loss": round(loss, 5), "code_ari": round(float(adjusted_rand_score(
+        population.labels, embed(w, x, layout=layout, settings=ae).argmax(axis=1))), 3)}
+        for loss, w in zip(coordinator.candidate_losses, coordinator.candidate_weights,
+                           strict=True)]
+    return ari, seconds, len(coordinator.code_splits), candidates
 
 
 FIRST_DESIGN: dict[str, Any] = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
@@ -154,13 +174,14 @@ def main(argv: list[str] | None = None) -> None:
             seeded = replace(ae, seed=seed)
             row: dict[str, Any] = {"data": data_name, "seed": seed, "sites": len(parts)}
             row["kmeans"] = _kmeans_ari(population, parts, settings)
-            row["ae federated"], row["s federated"], row["splits federated"] = _ae_ari(
-                population, parts, settings, seeded)
-            row["ae central"], row["s central"], row["splits central"] = _ae_ari(
+            (row["ae federated"], row["s federated"], row["splits federated"],
+             row["candidates federated"]) = _ae_ari(population, parts, settings, seeded)
+            (row["ae central"], row["s central"], row["splits central"],
+             row["candidates central"]) = _ae_ari(
                 population, [np.arange(population.raw.shape[0])], settings, seeded)
             if not args.no_first_design:
-                row["ae first design"], _, _ = _ae_ari(population, parts, settings,
-                                                       replace(seeded, **FIRST_DESIGN))
+                row["ae first design"] = _ae_ari(population, parts, settings,
+                                                 replace(seeded, **FIRST_DESIGN))[0]
             if args.flower and data_name == "mixed":
                 row["flower"] = _flower_run(seed, args.customers)
             rows.append(row)
@@ -193,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
             else f"{ae.local_epochs} epochs")
     print(f"one round of local training on 20,000 customers ({work}"
           f"{', SCAFFOLD gradient passes' if ae.control_variates else ''}): "
-          f"{local_round_seconds(ae):.2f} s (median of 3)")
+          f"{local_round_seconds(ae):.2f} s (median of 3)"
+          + (f"; the {ae.candidates} candidates train one after the other, so a run has "
+             f"{ae.candidates}x the rounds" if ae.candidates > 1 else ""))
 
 
 if __name__ == "__main__":

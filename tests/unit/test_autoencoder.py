@@ -248,7 +248,7 @@ def test_a_site_pins_the_encoder_and_the_embedding_scaling():
 
 
 @pytest.mark.parametrize(("policy", "plan_changes", "match"), [
-    ({"max_ae_rounds": 1}, {}, "autoencoder rounds=2 exceeds"),
+    ({"max_ae_rounds": 1}, {}, "autoencoder rounds x candidates=2 exceeds"),
     ({"max_embed_dim": 1}, {}, "embedding size=2 exceeds"),
     ({"max_ae_params": 10}, {}, "autoencoder parameters=.* exceeds"),
     ({"max_ae_epochs": 1}, {}, "local epochs=2 exceeds"),
@@ -605,7 +605,8 @@ def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss()
     # ... round 2 is: code 1 holds no customer, code 2 has the larger loss.
     coordinator.step(_train_sums(coordinator, [12, 0, 18], [3.0, 0.0, 6.0]), server_round=3,
                      num_sites=2)
-    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2}]
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2,
+                                        "candidate": 0}]
     # The next round starts from other weights than the gradients were measured at.
     assert not np.any(coordinator.control)
     assert coordinator.code_shares[-1] == [0.4, 0.0, 0.6]
@@ -627,7 +628,8 @@ def test_a_code_is_split_only_after_patience_looks_dead_in_a_row():
         coordinator.step(_train_sums(coordinator, counts, [3.0, 0.0, 6.0]),
                          server_round=server_round, num_sites=2)
         assert len(coordinator.code_splits) == (server_round == 5)
-    assert coordinator.code_splits == [{"round": 4, "dead": 1, "source": 2}]
+    assert coordinator.code_splits == [{"round": 4, "dead": 1, "source": 2,
+                                        "candidate": 0}]
 
 
 def test_mean_loss_splits_the_code_that_reconstructs_its_customers_worst():
@@ -638,7 +640,8 @@ def test_mean_loss_splits_the_code_that_reconstructs_its_customers_worst():
     for server_round in (2, 3):  # code 0: the larger loss sum, code 2: the larger mean
         coordinator.step(_train_sums(coordinator, [24, 0, 6], [12.0, 0.0, 6.0]),
                          server_round=server_round, num_sites=2)
-    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2}]
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2,
+                                        "candidate": 0}]
     with pytest.raises(ConfigError, match="split_source"):
         AESettings(split_source="largest")
 
@@ -659,3 +662,82 @@ def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
     with pytest.raises(ProtocolError, match=r"#5 .*negative"):
         check_site_reply([*reply[:5], np.array([-0.5, 0.0, 0.0])], phase=Phase.AE_TRAIN,
                          shapes=shapes)
+
+
+# --------------------------------------------------------------------------- candidates
+
+def test_each_candidate_restarts_the_temperature_from_its_own_initial_weights():
+    ae = AESettings(rounds=4, candidates=3, seed=7)
+    assert ae.training_rounds == 12
+    assert [ae.temperature(r) for r in (0, 4, 8)] == [ae.temperature_start] * 3
+    assert ae.temperature(7) == pytest.approx(ae.temperature_end)
+    assert ae.temperature(5) == pytest.approx(ae.temperature(1))
+    seeds = [ae.candidate_seed(c) for c in range(3)]
+    assert seeds[0] == 7 and len(set(seeds)) == 3
+    with pytest.raises(ConfigError, match="candidates=0"):
+        AESettings(candidates=0)
+
+
+def _candidate_round(coordinator: AEKMeansCoordinator, loss: float, server_round: int,
+                     value: float) -> None:
+    p = coordinator.n_params
+    coordinator.step([np.full(p, 30.0 * value), np.array([30.0]), np.array([30.0 * loss])],
+                     server_round=server_round, num_sites=2)
+
+
+@pytest.mark.parametrize(("losses", "chosen"), [((0.9, 0.5, 0.7), 1), ((0.4, 0.5, 0.6), 0),
+                                                ((0.9, 0.8, 0.7), 2)])
+def test_the_candidate_with_the_lowest_released_last_round_loss_is_kept(losses, chosen):
+    coordinator = _coordinator(rounds=2, candidates=3)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    starts = []
+    server_round = 1
+    for c, loss in enumerate(losses):
+        starts.append(coordinator.weights.copy())
+        # Each candidate's first round reports a loss lower than every last round: only the
+        # last round's counts. Sites send weights c + 1 (FedAvg: the new global weights).
+        for first, value in ((True, 0.01), (False, loss)):
+            server_round += 1
+            assert coordinator.phase is Phase.AE_TRAIN
+            _candidate_round(coordinator, value, server_round, float(c + 1 + 10 * first))
+    assert coordinator.phase is Phase.EMBED
+    assert coordinator.candidate_losses == pytest.approx(list(losses))
+    assert coordinator.chosen_candidate == chosen
+    assert np.allclose(coordinator.weights, chosen + 1.0)
+    # Every candidate started from its own seeded weights, the first from the run's seed.
+    assert np.array_equal(starts[0], build_model(coordinator.layout, coordinator.ae).get_flat())
+    assert not np.allclose(starts[1], starts[0]) and not np.allclose(starts[2], starts[1])
+    assert coordinator.ae_rounds == 6 and len(coordinator.ae_loss) == 6
+
+
+def test_a_new_candidate_starts_without_the_last_ones_control_or_server_moments():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "rounds": 2, "candidates": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    coordinator.step(_train_sums(coordinator, [10, 10, 10], [3.0, 3.0, 3.0]), server_round=2,
+                     num_sites=2)
+    assert np.any(coordinator.control)
+    coordinator.step(_train_sums(coordinator, [10, 10, 10], [3.0, 3.0, 3.0]), server_round=3,
+                     num_sites=2)
+    assert coordinator.phase is Phase.AE_TRAIN and coordinator.candidate == 1
+    assert not np.any(coordinator.control)
+    assert np.array_equal(coordinator.anchor, coordinator.weights)
+    name, arrays, _ = coordinator.instruction()
+    assert name == "ae_train" and not np.any(arrays[4])
+
+
+def test_a_site_admits_rounds_times_candidates_training_rounds_and_no_more():
+    coordinator = _coordinator(rounds=2, candidates=2)
+    plan = _plan(coordinator)
+    p, d = coordinator.n_params, len(FEATURES)
+    base = [np.zeros(d), np.ones(d), np.zeros(p)]
+    session = SiteSession()
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    for _ in range(4):
+        session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    with pytest.raises(SiteRefusal, match="not allowed"):
+        session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    with pytest.raises(SiteRefusal, match="autoencoder rounds x candidates=4 exceeds"):
+        plan.check_against(SitePolicy(require_dp=False, max_ae_rounds=3),
+                           features=plan.features, prg=plan.prg)
