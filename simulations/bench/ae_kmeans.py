@@ -78,10 +78,15 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
     layout = TabularLayout.from_features(population.features)
     x = standardise(apply_transforms(population.raw, population.features), layout,
                     coordinator.scaler.mean, coordinator.scaler.std)
-    candidates = [{"loss": round(loss, 5), "code_ari": round(float(adjusted_rand_score(
-        population.labels, embed(w, x, layout=layout, settings=ae).argmax(axis=1))), 3)}
-        for loss, w in zip(coordinator.candidate_losses, coordinator.candidate_weights,
-                           strict=True)]
+    r = int(ae.rounds)
+    candidates = [{"loss": round(loss, 5),
+                   "loss_last10": round(float(np.mean(coordinator.ae_loss[(c + 1) * r - 10:
+                                                                          (c + 1) * r])), 5),
+                   "code_ari": round(float(adjusted_rand_score(
+                       population.labels,
+                       embed(w, x, layout=layout, settings=ae).argmax(axis=1))), 3)}
+                  for c, (loss, w) in enumerate(zip(coordinator.candidate_losses,
+                                                    coordinator.candidate_weights, strict=True))]
     return ari, seconds, len(coordinator.code_splits), candidates
 
 
