@@ -196,6 +196,18 @@ class AESettings:
         customers -- released by the secure sums of its last training round -- is lowest is
         kept. 1: a single model. Every site trains ``rounds * candidates`` rounds
         (:attr:`training_rounds`); the temperature schedule restarts with each candidate.
+    moves : int
+        ``gumbel_softmax`` only: merge-and-split moves tried after the candidates (0: none).
+        A move empties one of the two codes whose reconstructions are closest
+        (:func:`code_reconstructions`; its customers fall to their next code, mostly the
+        other of the pair) and re-seeds it as a half of the code with the largest loss per
+        customer (:func:`split_code`), trains ``move_rounds`` rounds at ``temperature_end``
+        and is kept only if its released last-round loss is lower than the model's before.
+        A rejected move is followed by the next closest pair; a kept one by the closest pair
+        of the new model. It undoes the local optimum that cuts one segment in two codes and
+        merges two others, which no dead-code split reaches (no code is dead).
+    move_rounds : int
+        Training rounds of each move before its loss is compared.
     numeric_weight : float
         Weight of a numeric feature's squared error (on its standardised value) in the
         reconstruction loss, where each flag's binary and each categorical's cross-entropy
@@ -231,6 +243,8 @@ class AESettings:
     clip_norm: float = 0.2
     numeric_weight: float = 1.0
     candidates: int = 1
+    moves: int = 0
+    move_rounds: int = 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -283,6 +297,12 @@ class AESettings:
                               ">= 0 (0: local_epochs passes).")
         if int(self.candidates) < 1:
             raise ConfigError(f"model.autoencoder.candidates={self.candidates} should be >= 1.")
+        if int(self.moves) < 0 or int(self.move_rounds) < 1 \
+                or (int(self.moves) and not self.code_statistics):
+            raise ConfigError(f"model.autoencoder.moves={self.moves} should be >= 0 (> 0 only "
+                              f"with bottleneck=gumbel_softmax and split_share > 0: a move "
+                              f"needs the per-code statistics) and move_rounds="
+                              f"{self.move_rounds} >= 1.")
         if not self.numeric_weight > 0:
             raise ConfigError(f"model.autoencoder.numeric_weight={self.numeric_weight} should "
                               "be > 0.")
@@ -298,9 +318,14 @@ class AESettings:
         return self.bottleneck == "gumbel_softmax" and self.split_share > 0
 
     @property
-    def training_rounds(self) -> int:
-        """Training rounds of the whole run: ``rounds`` for each of the ``candidates``."""
+    def candidate_rounds(self) -> int:
+        """Training rounds of all candidates: ``rounds`` for each."""
         return int(self.rounds) * int(self.candidates)
+
+    @property
+    def training_rounds(self) -> int:
+        """Training rounds of the whole run: the candidates', then the moves'."""
+        return self.candidate_rounds + int(self.moves) * int(self.move_rounds)
 
     def candidate_seed(self, candidate: int) -> int:
         """Seed of candidate ``candidate``'s initial weights (candidate 0: ``seed`` itself)."""
@@ -316,8 +341,11 @@ class AESettings:
     def temperature(self, train_round: int) -> float:
         """Gumbel-softmax temperature of training round ``train_round`` (0-based, in the run).
 
-        The schedule restarts with each candidate (``train_round`` modulo ``rounds``).
+        The schedule restarts with each candidate (``train_round`` modulo ``rounds``); the
+        merge-and-split moves' rounds (after the candidates') train at ``temperature_end``.
         """
+        if int(train_round) >= self.candidate_rounds:
+            return float(self.temperature_end)
         within = max(0, int(train_round)) % int(self.rounds)
         fraction = min(1.0, within / max(1, int(self.rounds) - 1))
         return float(self.temperature_start
@@ -518,6 +546,32 @@ class TabularAutoencoder(nn.Module):
                                                         reduction="none")
             start += v
         return total / max(1, lay.n_original)
+
+
+def code_reconstructions(params: NDArray[np.float64], *, layout: TabularLayout,
+                         settings: AESettings) -> NDArray[np.float64]:
+    """Return what each code of a ``gumbel_softmax`` model reconstructs, comparably.
+
+    Row ``j`` is the decoder's output for the pure code ``j``: numbers (standardised, times
+    ``sqrt(numeric_weight)``), flag probabilities and category probabilities, so the squared
+    distance of two rows weighs the types as the loss roughly does.
+
+    Returns
+    -------
+    ndarray of shape (embed_dim, n_columns)
+    """
+    model = TabularAutoencoder(layout, settings)
+    model.set_flat(params)
+    with torch.no_grad():
+        out = model.decoder(torch.eye(int(settings.embed_dim))).double()
+    n_num, n_bool = len(layout.numeric), len(layout.boolean)
+    parts = [out[:, :n_num] * float(np.sqrt(settings.numeric_weight)),
+             torch.sigmoid(out[:, n_num:n_num + n_bool])]
+    start = n_num + n_bool
+    for v in model.vocab:
+        parts.append(torch.softmax(out[:, start:start + v], dim=1))
+        start += v
+    return torch.cat(parts, dim=1).numpy()
 
 
 SPLIT_PERTURBATION = (0.1, 0.3)

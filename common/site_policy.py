@@ -361,8 +361,8 @@ class RunPlan:
         if self.dp:
             raise SiteRefusal("policy", "the autoencoder's training is not differentially "
                               "private yet; this site trains it only in runs without DP.")
-        limits = [("autoencoder rounds x candidates", settings.training_rounds,
-                   policy.max_ae_rounds),
+        limits = [("autoencoder training rounds (candidates and moves)",
+                   settings.training_rounds, policy.max_ae_rounds),
                   ("local epochs", settings.local_epochs, policy.max_ae_epochs),
                   ("autoencoder parameters", n_params, policy.max_ae_params),
                   ("embedding size", settings.embed_dim, policy.max_embed_dim)]

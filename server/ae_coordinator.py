@@ -29,6 +29,7 @@ from common.autoencoder import (
     AESettings,
     TabularLayout,
     build_model,
+    code_reconstructions,
     n_params,
     split_code,
 )
@@ -77,6 +78,7 @@ class AEKMeansCoordinator(CoordinatorViews):
     candidate_losses: list[float] = field(default_factory=list)
     chosen_candidate: int | None = None
     candidate_weights: list[NDArray[np.float64]] = field(default_factory=list)
+    move_log: list[dict[str, Any]] = field(default_factory=list)
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -95,6 +97,13 @@ class AEKMeansCoordinator(CoordinatorViews):
         self._dead_looks = np.zeros(self.ae.embed_dim, dtype=np.int64)
         # Candidates (``ae.candidates``): the weights of the best one finished so far.
         self._best_weights: NDArray[np.float64] | None = None
+        self._best: dict[str, Any] = {}
+        # Merge-and-split moves: the model kept so far (weights, loss, code statistics, server
+        # Adam moments), the rank of the pair the next move merges, rounds the move has left.
+        self._kept: dict[str, Any] = {}
+        self._move_rank = 0
+        self._move_left = 0
+        self._move: dict[str, Any] = {}
         self.embedding_features = tuple(
             FeatureSpec(name=f"embedding_{i}") for i in range(self.ae.embed_dim))
 
@@ -249,20 +258,26 @@ class AEKMeansCoordinator(CoordinatorViews):
         record.cost = float(loss[0] / n)  # mean reconstruction loss at the weights sent
         self.ae_loss.append(record.cost)
         self.ae_rounds += 1
-        within = self.ae_rounds - self.candidate * int(self.ae.rounds)
+        stats = None
         if code_counts is not None and code_loss is not None:
             self.code_shares.append([float(v) for v in code_counts / n])
-            if self.ae.split_round(within) and within < int(self.ae.rounds):
-                self._split_dead_code(code_counts / n, code_loss)
+            stats = (code_counts / n, code_loss)
+        if self.ae_rounds > self.ae.candidate_rounds:
+            self._move_step(record.cost, stats)
+            return
+        within = self.ae_rounds - self.candidate * int(self.ae.rounds)
+        if stats is not None and self.ae.split_round(within) and within < int(self.ae.rounds):
+            self._split_dead_code(*stats)
         if within >= int(self.ae.rounds):
-            self._finish_candidate(record.cost)
+            self._finish_candidate(record.cost, stats)
 
     @property
     def candidate(self) -> int:
         """Index of the candidate being trained (the last one once training is over)."""
         return min(len(self.candidate_losses), int(self.ae.candidates) - 1)
 
-    def _finish_candidate(self, loss: float) -> None:
+    def _finish_candidate(self, loss: float, stats: tuple[NDArray[np.float64], ...] | None
+                          ) -> None:
         """Keep the candidate if its released loss is the lowest so far; start the next one.
 
         ``loss`` is the mean reconstruction loss over all customers at the weights sent in the
@@ -272,6 +287,8 @@ class AEKMeansCoordinator(CoordinatorViews):
         if not self.candidate_losses or loss < min(self.candidate_losses):
             self._best_weights = self.weights.copy()
             self.chosen_candidate = len(self.candidate_losses)
+            self._best = {"weights": self.weights.copy(), "loss": loss, "stats": stats,
+                          "adam": (self._adam_m.copy(), self._adam_v.copy())}
         self.candidate_losses.append(loss)
         self.candidate_weights.append(self.weights.copy())
         if len(self.candidate_losses) < int(self.ae.candidates):
@@ -285,7 +302,59 @@ class AEKMeansCoordinator(CoordinatorViews):
             return
         assert self._best_weights is not None
         self.weights = self._best_weights
+        if int(self.ae.moves):
+            self._kept = dict(self._best)
+            self._start_move()
+            return
         self.phase = Phase.EMBED
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Start from a kept model: its weights and Adam moments, no SCAFFOLD control."""
+        self.weights = state["weights"].copy()
+        self._adam_m, self._adam_v = (a.copy() for a in state["adam"])
+        self.control = np.zeros(self.n_params)
+        self.anchor = self.weights.copy()
+
+    def _start_move(self) -> None:
+        """Start the next merge-and-split move from the kept model, or end the training."""
+        kept = self._kept
+        self._restore(kept)
+        if len(self.move_log) >= int(self.ae.moves) or kept["stats"] is None:
+            self.phase = Phase.EMBED
+            return
+        shares, loss_sums = kept["stats"]
+        recon = code_reconstructions(kept["weights"], layout=self.layout, settings=self.ae)
+        m = int(self.ae.embed_dim)
+        pairs = sorted((float(np.sum((recon[i] - recon[j]) ** 2)), i, j)
+                        for i in range(m) for j in range(i + 1, m))
+        _, i, j = pairs[self._move_rank % len(pairs)]
+        emptied = i if shares[i] <= shares[j] else j
+        mean_loss = np.where(shares > 0, loss_sums / np.maximum(shares, 1e-12), -np.inf)
+        mean_loss[emptied] = -np.inf
+        source = int(np.argmax(mean_loss))
+        rng = np.random.default_rng([int(self.ae.seed), self.ae_rounds, 4])
+        self.weights = split_code(kept["weights"], layout=self.layout, settings=self.ae,
+                                  dead=emptied, source=source, rng=rng)
+        self.anchor = self.weights.copy()
+        self._move = {"round": self.ae_rounds, "merged": [int(i), int(j)],
+                      "emptied": int(emptied), "source": source}
+        self._move_left = int(self.ae.move_rounds)
+
+    def _move_step(self, loss: float, stats: tuple[NDArray[np.float64], ...] | None) -> None:
+        """Count a move's round; at its last, keep it if its released loss is the lower."""
+        self._move_left -= 1
+        if self._move_left > 0:
+            return
+        kept = loss < self._kept["loss"]
+        self.move_log.append({**self._move, "loss": loss, "loss_before": self._kept["loss"],
+                              "kept": bool(kept)})
+        if kept:
+            self._kept = {"weights": self.weights.copy(), "loss": loss, "stats": stats,
+                          "adam": (self._adam_m.copy(), self._adam_v.copy())}
+            self._move_rank = 0
+        else:
+            self._move_rank += 1
+        self._start_move()
 
     def _split_dead_code(self, shares: NDArray[np.float64], loss: NDArray[np.float64]) -> None:
         """Re-seed one dead code by splitting the live code with the largest loss (sum or mean).
@@ -328,6 +397,7 @@ class AEKMeansCoordinator(CoordinatorViews):
                             "code_splits": list(self.code_splits),
                             "candidate_losses": list(self.candidate_losses),
                             "chosen_candidate": self.chosen_candidate,
+                            "merge_split_moves": list(self.move_log),
                             "code_shares_last_round": (self.code_shares[-1]
                                                        if self.code_shares else None),
                             "client_drift_fix": ", ".join(

@@ -62,11 +62,12 @@ def _kmeans_ari(population: Population, parts: list[Any], settings: KMeansSettin
 
 
 def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
-            ae: AESettings) -> tuple[float, float, int, list[dict[str, float]]]:
-    """ARI, seconds, dead-code splits and the candidates of one in-process run.
+            ae: AESettings) -> tuple[float, float, int, list[dict[str, Any]]]:
+    """ARI, seconds, dead-code splits and the candidates and moves of one in-process run.
 
     Each candidate: its released last-round loss and the ARI of its customers' most likely
-    codes (a diagnostic that needs the truth; the run chooses by the loss only).
+    codes (a diagnostic that needs the truth; the run chooses by the loss only); each
+    merge-and-split move: its codes, its loss and the kept model's, whether it was kept.
     """
     started = time.perf_counter()
     coordinator = run_inprocess_ae([population.raw[p] for p in parts],
@@ -87,7 +88,14 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
                        embed(w, x, layout=layout, settings=ae).argmax(axis=1))), 3)}
                   for c, (loss, w) in enumerate(zip(coordinator.candidate_losses,
                                                     coordinator.candidate_weights, strict=True))]
-    return ari, seconds, len(coordinator.code_splits), candidates
+    moves = [{key: (round(v, 5) if isinstance(v, float) else v) for key, v in move.items()
+              if key in ("merged", "emptied", "source", "loss", "loss_before", "kept")}
+             for move in coordinator.move_log]
+    if moves:
+        moves.append({"final_code_ari": round(float(adjusted_rand_score(
+            population.labels,
+            embed(coordinator.weights, x, layout=layout, settings=ae).argmax(axis=1))), 3)})
+    return ari, seconds, len(coordinator.code_splits), candidates + moves
 
 
 FIRST_DESIGN: dict[str, Any] = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the first recipe (FedAvg, tanh) for comparison")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="AESettings changes, e.g. lr=0.05 split_share=0")
+    parser.add_argument("--runs", nargs="+", choices=("federated", "central"),
+                        default=["federated", "central"], help="the autoencoder runs to make")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -179,11 +189,11 @@ def main(argv: list[str] | None = None) -> None:
             seeded = replace(ae, seed=seed)
             row: dict[str, Any] = {"data": data_name, "seed": seed, "sites": len(parts)}
             row["kmeans"] = _kmeans_ari(population, parts, settings)
-            (row["ae federated"], row["s federated"], row["splits federated"],
-             row["candidates federated"]) = _ae_ari(population, parts, settings, seeded)
-            (row["ae central"], row["s central"], row["splits central"],
-             row["candidates central"]) = _ae_ari(
-                population, [np.arange(population.raw.shape[0])], settings, seeded)
+            pooled = [np.arange(population.raw.shape[0])]
+            for run_name in args.runs:
+                (row[f"ae {run_name}"], row[f"s {run_name}"], row[f"splits {run_name}"],
+                 row[f"candidates {run_name}"]) = _ae_ari(
+                    population, parts if run_name == "federated" else pooled, settings, seeded)
             if not args.no_first_design:
                 row["ae first design"] = _ae_ari(population, parts, settings,
                                                  replace(seeded, **FIRST_DESIGN))[0]
@@ -198,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         flower = r.get("flower", {}).get("ari")
         first = r.get("ae first design")
+        fed, central = r.get("ae federated", float("nan")), r.get("ae central", float("nan"))
         print(f"| {r['data']} | {r['seed']} | {r['sites']} | {r['kmeans']:.3f} | "
-              f"{r['ae federated']:.3f} | {r['ae central']:.3f} | "
-              f"{r['ae federated'] - r['ae central']:+.3f} | "
+              f"{fed:.3f} | {central:.3f} | {fed - central:+.3f} | "
               + ("-" if first is None else f"{first:.3f}") + " | "
               + ("-" if flower is None else f"{flower:.3f}") + " |")
     flower_rows = [r for r in rows if "flower" in r]

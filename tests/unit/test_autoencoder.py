@@ -15,6 +15,7 @@ from common.autoencoder import (
     AESettings,
     TabularLayout,
     build_model,
+    code_reconstructions,
     embed,
     local_train,
     n_params,
@@ -248,7 +249,7 @@ def test_a_site_pins_the_encoder_and_the_embedding_scaling():
 
 
 @pytest.mark.parametrize(("policy", "plan_changes", "match"), [
-    ({"max_ae_rounds": 1}, {}, "autoencoder rounds x candidates=2 exceeds"),
+    ({"max_ae_rounds": 1}, {}, r"autoencoder training rounds \(candidates and moves\)=2 exceeds"),
     ({"max_embed_dim": 1}, {}, "embedding size=2 exceeds"),
     ({"max_ae_params": 10}, {}, "autoencoder parameters=.* exceeds"),
     ({"max_ae_epochs": 1}, {}, "local epochs=2 exceeds"),
@@ -738,6 +739,93 @@ def test_a_site_admits_rounds_times_candidates_training_rounds_and_no_more():
         session.admit(plan, Phase.AE_TRAIN, base, groups=1)
     with pytest.raises(SiteRefusal, match="not allowed"):
         session.admit(plan, Phase.AE_TRAIN, base, groups=1)
-    with pytest.raises(SiteRefusal, match="autoencoder rounds x candidates=4 exceeds"):
+    with pytest.raises(SiteRefusal, match=r"training rounds \(candidates and moves\)=4 exceeds"):
         plan.check_against(SitePolicy(require_dp=False, max_ae_rounds=3),
                            features=plan.features, prg=plan.prg)
+
+
+def test_code_reconstructions_are_the_decoded_pure_codes_on_the_loss_scales():
+    layout = TabularLayout.from_features(FEATURES)
+    params = build_model(layout, SPLITTING).get_flat()
+    recon = code_reconstructions(params, layout=layout, settings=SPLITTING)
+    model = build_model(layout, SPLITTING)
+    out = model.decoder(torch.eye(3)).detach().double().numpy()
+    assert recon.shape == (3, 2 + 1 + 3)
+    assert np.allclose(recon[:, :2], out[:, :2])  # numbers as decoded (numeric_weight 1)
+    assert np.allclose(recon[:, 2], 1 / (1 + np.exp(-out[:, 2])))  # flag probability
+    assert np.allclose(recon[:, 3:].sum(axis=1), 1.0)  # category probabilities
+    halved = AESettings(**{**SPLITTING.to_dict(), "numeric_weight": 0.25})
+    assert np.allclose(code_reconstructions(params, layout=layout, settings=halved)[:, :2],
+                       0.5 * out[:, :2])
+
+
+def _moving(moves: int = 2) -> AEKMeansCoordinator:
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "rounds": 2, "split_until": 0.0,
+                       "moves": moves, "move_rounds": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    return coordinator
+
+
+def test_a_merge_and_split_move_empties_the_smaller_of_the_closest_pair_into_the_worst_code():
+    coordinator = _moving()
+    # Code 2 reconstructs its customers worst per customer (6 / 6) though code 0 has the
+    # larger loss sum; the trained model is what the server holds after the last round.
+    for server_round in (2, 3):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    trained = coordinator._kept["weights"]
+    recon = code_reconstructions(trained, layout=coordinator.layout, settings=coordinator.ae)
+    distance = {(i, j): np.sum((recon[i] - recon[j]) ** 2) for i, j in ((0, 1), (0, 2), (1, 2))}
+    i, j = min(distance, key=distance.__getitem__)
+    emptied = (i, j)[int([16, 8, 6][j] < [16, 8, 6][i])]
+    assert coordinator._move == {"round": 2, "merged": [i, j], "emptied": emptied,
+                                 "source": 2 if emptied != 2 else 0}
+    assert coordinator.phase is Phase.AE_TRAIN and not np.array_equal(coordinator.weights,
+                                                                      trained)
+    name, arrays, _ = coordinator.instruction()
+    assert name == "ae_train" and not np.any(arrays[4])  # no SCAFFOLD control across a move
+    assert coordinator.ae.temperature(coordinator.ae_rounds) == coordinator.ae.temperature_end
+
+
+def test_a_move_is_kept_only_if_its_released_loss_is_lower():
+    coordinator = _moving()
+    for server_round in (2, 3):  # the trained model: loss 18 / 30 = 0.6
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    trained = coordinator._kept["weights"].copy()
+    first_move = coordinator._move
+    # Move 1 ends at loss 0.7 (its first round's loss does not count): rejected, so move 2
+    # starts from the trained model again, with the next closest pair.
+    for server_round, loss in ((4, 0.1), (5, 21.0)):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.move_log[0]["kept"] is False
+    assert coordinator._move["merged"] != first_move["merged"]
+    # Move 2 ends at 0.5 < 0.6: kept, and its weights are the ones embedded.
+    moved = coordinator.weights.copy()  # the sites send it back: server Adam keeps it
+    for server_round, loss in ((6, 30.0), (7, 15.0)):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert [m["kept"] for m in coordinator.move_log] == [False, True]
+    assert coordinator.move_log[1]["loss"] == pytest.approx(0.5)
+    assert coordinator.phase is Phase.EMBED
+    assert np.array_equal(coordinator.weights, moved)
+    assert not np.array_equal(coordinator.weights, trained)
+    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
+
+
+def test_when_every_move_loses_the_trained_model_is_embedded():
+    coordinator = _moving(moves=1)
+    for server_round in (2, 3):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    trained = coordinator._kept["weights"].copy()
+    for server_round in (4, 5):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [18.0, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)  # equal loss: not lower
+    assert coordinator.phase is Phase.EMBED
+    assert np.array_equal(coordinator.weights, trained)
+    with pytest.raises(ConfigError, match="moves=1"):
+        AESettings(moves=1, split_share=0.0)
