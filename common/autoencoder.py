@@ -198,16 +198,18 @@ class AESettings:
         (:attr:`training_rounds`); the temperature schedule restarts with each candidate.
     moves : int
         ``gumbel_softmax`` only: merge-and-split moves tried after the candidates (0: none).
-        A move empties one of the two codes whose reconstructions are closest
+        A move empties the smaller of the two codes whose reconstructions are closest
         (:func:`code_reconstructions`; its customers fall to their next code, mostly the
-        other of the pair) and re-seeds it as a half of the code with the largest loss per
-        customer (:func:`split_code`), trains ``move_rounds`` rounds at ``temperature_end``
-        and is kept only if its released last-round loss is lower than the model's before.
-        A rejected move is followed by the next closest pair; a kept one by the closest pair
-        of the new model. It undoes the local optimum that cuts one segment in two codes and
+        other of the pair) and re-seeds it as a half of another code (:func:`split_code`),
+        trains ``move_rounds`` rounds at ``temperature_end`` and is kept only if its released
+        last-round loss is lower than the model's before. The codes split are tried by
+        decreasing loss per customer (the pair excluded); after them the next closest pair.
+        A rejected move is followed by the next one in that order; a kept one by the first
+        of the new model's. It undoes the local optimum that cuts one segment in two codes and
         merges two others, which no dead-code split reaches (no code is dead).
     move_rounds : int
-        Training rounds of each move before its loss is compared.
+        Training rounds of each move before its loss is compared (on ``data=mixed`` a right
+        move had a lower loss than the model before after 60 rounds, not after 40).
     numeric_weight : float
         Weight of a numeric feature's squared error (on its standardised value) in the
         reconstruction loss, where each flag's binary and each categorical's cross-entropy
@@ -244,7 +246,7 @@ class AESettings:
     numeric_weight: float = 1.0
     candidates: int = 1
     moves: int = 0
-    move_rounds: int = 20
+    move_rounds: int = 80
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))

@@ -326,12 +326,15 @@ class AEKMeansCoordinator(CoordinatorViews):
         recon = code_reconstructions(kept["weights"], layout=self.layout, settings=self.ae)
         m = int(self.ae.embed_dim)
         pairs = sorted((float(np.sum((recon[i] - recon[j]) ** 2)), i, j)
-                        for i in range(m) for j in range(i + 1, m))
-        _, i, j = pairs[self._move_rank % len(pairs)]
+                       for i in range(m) for j in range(i + 1, m))
+        mean_loss = loss_sums / np.maximum(shares, 1e-12)
+        # Moves in order: the closest pair first, and for each pair the other codes by
+        # decreasing loss per customer (the pair's partner now holds both, so it is not split).
+        order = [(i, j, int(c)) for _, i, j in pairs
+                 for c in np.argsort(-mean_loss, kind="stable")
+                 if c not in (i, j) and shares[c] > 0]
+        i, j, source = order[self._move_rank % len(order)]
         emptied = i if shares[i] <= shares[j] else j
-        mean_loss = np.where(shares > 0, loss_sums / np.maximum(shares, 1e-12), -np.inf)
-        mean_loss[emptied] = -np.inf
-        source = int(np.argmax(mean_loss))
         rng = np.random.default_rng([int(self.ae.seed), self.ae_rounds, 4])
         self.weights = split_code(kept["weights"], layout=self.layout, settings=self.ae,
                                   dead=emptied, source=source, rng=rng)
