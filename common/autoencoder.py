@@ -202,7 +202,8 @@ class AESettings:
         (:func:`code_reconstructions`; its customers fall to their next code, mostly the
         other of the pair) and re-seeds it as a half of another code (:func:`split_code`),
         trains ``move_rounds`` rounds at ``temperature_end`` and is kept only if its released
-        last-round loss is lower than the model's before. The codes split are tried by
+        last-round loss is lower than the model's before (which first trains ``move_rounds``
+        rounds itself, so that both have trained as long). The codes split are tried by
         decreasing loss per customer (the pair excluded); after them the next closest pair.
         A rejected move is followed by the next one in that order; a kept one by the first
         of the new model's. It undoes the local optimum that cuts one segment in two codes and
@@ -326,8 +327,10 @@ class AESettings:
 
     @property
     def training_rounds(self) -> int:
-        """Training rounds of the whole run: the candidates', then the moves'."""
-        return self.candidate_rounds + int(self.moves) * int(self.move_rounds)
+        """Training rounds of the whole run: the candidates', the kept model's settling, moves."""
+        moves = int(self.moves)
+        return self.candidate_rounds + (moves + 1) * int(self.move_rounds) if moves else \
+            self.candidate_rounds
 
     def candidate_seed(self, candidate: int) -> int:
         """Seed of candidate ``candidate``'s initial weights (candidate 0: ``seed`` itself)."""

@@ -92,9 +92,10 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
               if key in ("merged", "emptied", "source", "loss", "loss_before", "kept")}
              for move in coordinator.move_log]
     if moves:
-        moves.append({"final_code_ari": round(float(adjusted_rand_score(
-            population.labels,
-            embed(coordinator.weights, x, layout=layout, settings=ae).argmax(axis=1))), 3)})
+        final = embed(coordinator.weights, x, layout=layout, settings=ae).argmax(axis=1)
+        moves.append({"loss_before_moves": coordinator.settled_loss,
+                      "final_code_ari": round(float(adjusted_rand_score(population.labels,
+                                                                        final)), 3)})
     return ari, seconds, len(coordinator.code_splits), candidates + moves
 
 

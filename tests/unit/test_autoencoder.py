@@ -768,19 +768,30 @@ def _moving(moves: int = 2) -> AEKMeansCoordinator:
     return coordinator
 
 
-def test_a_merge_and_split_move_empties_the_smaller_of_the_closest_pair_into_the_worst_code():
-    coordinator = _moving()
-    # The trained model is what the server holds after the last round.
+def _train_and_settle(coordinator: AEKMeansCoordinator) -> np.ndarray:
+    """The candidate's 2 rounds, then its 2 settling rounds (loss 18 / 30 = 0.6 each)."""
     for server_round in (2, 3):
         coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
                          server_round=server_round, num_sites=2)
-    trained = coordinator._kept["weights"]
+    trained = coordinator.weights.copy()
+    assert coordinator._move == {"round": 2, "settle": True}  # no move yet
+    for server_round in (4, 5):
+        assert np.array_equal(coordinator.weights, trained)  # server Adam keeps them
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.settled_loss == pytest.approx(0.6)
+    return trained
+
+
+def test_a_merge_and_split_move_empties_the_smaller_of_the_closest_pair_into_another_code():
+    coordinator = _moving()
+    trained = _train_and_settle(coordinator)
     recon = code_reconstructions(trained, layout=coordinator.layout, settings=coordinator.ae)
     distance = {(i, j): np.sum((recon[i] - recon[j]) ** 2) for i, j in ((0, 1), (0, 2), (1, 2))}
     i, j = min(distance, key=distance.__getitem__)
     emptied = (i, j)[int([16, 8, 6][j] < [16, 8, 6][i])]
     # With three codes the code split is the one outside the pair.
-    assert coordinator._move == {"round": 2, "merged": [i, j], "emptied": emptied,
+    assert coordinator._move == {"round": 4, "merged": [i, j], "emptied": emptied,
                                  "source": ({0, 1, 2} - {i, j}).pop()}
     assert coordinator.phase is Phase.AE_TRAIN and not np.array_equal(coordinator.weights,
                                                                       trained)
@@ -791,21 +802,18 @@ def test_a_merge_and_split_move_empties_the_smaller_of_the_closest_pair_into_the
 
 def test_a_move_is_kept_only_if_its_released_loss_is_lower():
     coordinator = _moving()
-    for server_round in (2, 3):  # the trained model: loss 18 / 30 = 0.6
-        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
-                         server_round=server_round, num_sites=2)
-    trained = coordinator._kept["weights"].copy()
+    trained = _train_and_settle(coordinator)
     first_move = coordinator._move
     # Move 1 ends at loss 0.7 (its first round's loss does not count): rejected, so move 2
-    # starts from the trained model again, with the next closest pair.
-    for server_round, loss in ((4, 0.1), (5, 21.0)):
+    # starts from the settled model again, with the next closest pair.
+    for server_round, loss in ((6, 0.1), (7, 21.0)):
         coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
                          server_round=server_round, num_sites=2)
     assert coordinator.move_log[0]["kept"] is False
     assert coordinator._move["merged"] != first_move["merged"]
     # Move 2 ends at 0.5 < 0.6: kept, and its weights are the ones embedded.
     moved = coordinator.weights.copy()  # the sites send it back: server Adam keeps it
-    for server_round, loss in ((6, 30.0), (7, 15.0)):
+    for server_round, loss in ((8, 30.0), (9, 15.0)):
         coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
                          server_round=server_round, num_sites=2)
     assert [m["kept"] for m in coordinator.move_log] == [False, True]
@@ -813,19 +821,17 @@ def test_a_move_is_kept_only_if_its_released_loss_is_lower():
     assert coordinator.phase is Phase.EMBED
     assert np.array_equal(coordinator.weights, moved)
     assert not np.array_equal(coordinator.weights, trained)
-    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
+    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 8
 
 
-def test_when_every_move_loses_the_trained_model_is_embedded():
+def test_when_every_move_loses_the_settled_model_is_embedded():
     coordinator = _moving(moves=1)
-    for server_round in (2, 3):
-        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
-                         server_round=server_round, num_sites=2)
-    trained = coordinator._kept["weights"].copy()
-    for server_round in (4, 5):
+    trained = _train_and_settle(coordinator)
+    for server_round in (6, 7):
         coordinator.step(_train_sums(coordinator, [16, 8, 6], [18.0, 0.0, 0.0]),
                          server_round=server_round, num_sites=2)  # equal loss: not lower
     assert coordinator.phase is Phase.EMBED
     assert np.array_equal(coordinator.weights, trained)
+    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
     with pytest.raises(ConfigError, match="moves=1"):
         AESettings(moves=1, split_share=0.0)
