@@ -87,7 +87,11 @@ def keystream_masks(
     sizes = [int(np.prod(shape)) if shape else 1 for shape in dimensions_list]
     total = sum(sizes)
     if num_range & (num_range - 1) == 0:
-        values = _keystream_words(key, total).astype(np.int64) % num_range
+        # A power of two: the low bits (a bitwise AND, not numpy's int64 modulo, which cost
+        # two thirds of a mask's time). For 2**32 every word is already in range.
+        values = _keystream_words(key, total).astype(np.int64)
+        if num_range < 2**32:
+            values &= num_range - 1
     else:
         # Rejection sampling: accept words below the largest multiple of num_range.
         limit = (2**32 // num_range) * num_range
@@ -118,8 +122,20 @@ def calls_by_global_name(obj: object, module: ModuleType, name: str = PATCHED_NA
     """
     functions = ([obj] if callable(obj) and hasattr(obj, "__code__")
                  else [v for v in vars(obj).values() if hasattr(v, "__code__")])
-    uses: list[Any] = [f for f in functions if name in f.__code__.co_names]
+    uses: list[Any] = [f for f in functions if name in _names_used(f.__code__)]
     return bool(uses) and all(f.__globals__ is vars(module) for f in uses)
+
+
+def _names_used(code: Any) -> set[str]:
+    """Return the global and attribute names ``code`` looks up, with its nested code.
+
+    Comprehensions and inner functions share the enclosing function's globals.
+    """
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_used(const)
+    return names
 
 
 def require_supported_flower(flower_version: str | None, what: str) -> None:

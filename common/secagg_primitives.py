@@ -17,6 +17,9 @@ sites"). This module replaces them, inside Flower's own SecAgg+ client mod and s
   (AES-128) share encryption. A peer's all-zero (small-order) public key is refused by
   ``cryptography`` when the key is used.
 * **secret sharing**: :mod:`common.shamir` (GF(2**521 - 1)).
+* **reading the masked vectors** (server only): :func:`common.npy.bytes_to_ndarray`, the same
+  array as ``np.load`` without its per-array header parse (not part of the suite: the bytes
+  on the wire are unchanged).
 
 :func:`install` patches the names in Flower's SecAgg+ modules only (never Flower's key
 modules, which the SuperNode's authentication also uses), after checking the Flower version and
@@ -37,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common import shamir
+from common import npy, shamir
 from common.mask_prg import PRG_ID, active_prg_id, calls_by_global_name, require_supported_flower
 
 KEX_ID = "x25519-hkdf-sha256/1"
@@ -105,7 +108,8 @@ def generate_shared_key(private_key: x25519.X25519PrivateKey,
 _KEX = {f.__name__: f for f in (generate_key_pairs, private_key_to_bytes, public_key_to_bytes,
                                  bytes_to_private_key, bytes_to_public_key, generate_shared_key)}
 OURS: dict[str, Callable[..., Any]] = {
-    **_KEX, "create_shares": shamir.create_shares, "combine_shares": shamir.combine_shares}
+    **_KEX, "create_shares": shamir.create_shares, "combine_shares": shamir.combine_shares,
+    "bytes_to_ndarray": npy.bytes_to_ndarray}
 """Every replacement, by the name Flower's modules bind it under."""
 
 CLIENT_MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
@@ -115,7 +119,7 @@ FLOWER_SHAMIR = "flwr.common.secure_aggregation.crypto.shamir"
 PATCHED = {
     CLIENT_MOD: ("create_shares", *_KEX),
     SERVER_WORKFLOW: ("combine_shares", "bytes_to_private_key", "bytes_to_public_key",
-                      "generate_shared_key"),
+                      "generate_shared_key", "bytes_to_ndarray"),
     FLOWER_SHAMIR: ("create_shares", "combine_shares"),
 }
 """Flower module -> the names in it that are replaced."""
@@ -128,7 +132,8 @@ CALLERS = {
                  ("_collect_masked_vectors", ("generate_shared_key", "bytes_to_private_key",
                                               "bytes_to_public_key"))),
     SERVER_WORKFLOW: (("SecAggPlusWorkflow", ("combine_shares", "generate_shared_key",
-                                              "bytes_to_private_key", "bytes_to_public_key")),),
+                                              "bytes_to_private_key", "bytes_to_public_key",
+                                              "bytes_to_ndarray")),),
 }
 """Flower module -> (function or class, names it must look up through the module)."""
 

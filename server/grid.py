@@ -34,22 +34,51 @@ class StoreSignal:
     process and calls :meth:`notify` after each (``simulations.engine``), so a stage ends when
     its last reply lands instead of up to one poll interval later -- at every exchange of a
     round. A generation counter makes a reply stored between a look and the wait count.
+
+    A notification may name what was stored (the id of the instruction a reply answers): the
+    grid then looks up only those replies (:meth:`take`) instead of every awaited one -- a look
+    costs the SuperLink state time per message it is asked about, and at 1,000 sites asking
+    about every awaited message at each look was most of the server's own work in a round.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._generation = 0
+        self._stored: set[str] = set()
+        self._unnamed = False
 
     @property
     def generation(self) -> int:
         """Number of notifications so far (read before a look, passed to :meth:`wait`)."""
         return self._generation
 
-    def notify(self) -> None:
-        """Record that a reply was stored; wake every waiter."""
+    def notify(self, key: str | None = None) -> None:
+        """Record that a message was stored (``key``: what it answers, if known); wake waiters."""
         with self._cond:
             self._generation += 1
+            if key:
+                self._stored.add(key)
+            else:
+                self._unnamed = True
             self._cond.notify_all()
+
+    def take(self, awaited: set[str]) -> set[str] | None:
+        """Return and forget the notified keys among ``awaited``.
+
+        ``None`` when a store since the last call named nothing: look at everything awaited.
+        """
+        with self._cond:
+            if self._unnamed:
+                self._unnamed = False
+                return None
+            found = self._stored & awaited
+            self._stored -= found
+            return found
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Forget notified keys nobody will :meth:`take` (an exchange that ended)."""
+        with self._cond:
+            self._stored.difference_update(keys)
 
     def wait(self, seen: int, timeout: float) -> bool:
         """Wait until a notification after generation ``seen``, at most ``timeout`` s."""
@@ -64,8 +93,12 @@ MIN_LOOK_GAP = 0.002
 """Seconds at least between two signalled looks, so that a burst of stores is one look."""
 
 LOOK_GAP_PER_MESSAGE = 2e-5
-"""... plus this per awaited message: a look costs time in proportion to them (at 1,000 sites a
-look per stored message made the waiting quadratic)."""
+"""... plus this per message a look goes over (the simulation engine's look at every stored
+instruction; at 1,000 sites a look per stored message made the waiting quadratic)."""
+
+FULL_LOOK_GAP = 1.0
+"""While replies are signalled by name, seconds at most between two looks at every awaited
+message (Flower's own checks: expired messages, sites gone offline)."""
 
 
 class DelegatingGrid(Grid):
@@ -193,18 +226,26 @@ class FastPollGrid(DelegatingGrid):
         pending = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        signalled, last_full = False, -FULL_LOOK_GAP
         while pending:
             seen = REPLY_SIGNAL.generation
-            for reply in self.inner.pull_messages(pending):
-                replies.append(reply)
-                pending.discard(reply.metadata.reply_to_message_id)
+            look = None
+            if signalled and time.monotonic() - last_full < FULL_LOOK_GAP:
+                # Ask only about the messages whose replies were signalled stored.
+                look = REPLY_SIGNAL.take(pending)
+            if look is None:
+                look, last_full = set(pending), time.monotonic()
+            if look:
+                for reply in self.inner.pull_messages(look):
+                    replies.append(reply)
+                    pending.discard(reply.metadata.reply_to_message_id)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            if REPLY_SIGNAL.wait(seen, self.poll_interval):
-                # Signalled: let the replies landing now arrive together (a look costs time
-                # in proportion to the replies still awaited).
-                time.sleep(min(self.poll_interval,
-                               MIN_LOOK_GAP + LOOK_GAP_PER_MESSAGE * len(pending)))
+            signalled = REPLY_SIGNAL.wait(seen, self.poll_interval)
+            if signalled:
+                # Let the replies landing now arrive together: one look for a burst.
+                time.sleep(MIN_LOOK_GAP)
+        REPLY_SIGNAL.forget(ids)
         for reply in replies:
             if reply.has_error():
                 self.record_lost(destination.get(reply.metadata.reply_to_message_id,

@@ -29,7 +29,6 @@ from typing import Any, cast
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import Message
-from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -39,6 +38,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from common.errors import ProtocolError
+from common.npy import bytes_to_ndarray
 from server.grid import DelegatingGrid, FastPollGrid
 from server.strategy import FederatedKMeans, reject_reply
 

@@ -63,8 +63,9 @@ def _signal_stores(state: InMemoryLinkState) -> None:
 
     Instructions notify :data:`PUSHED`, replies :data:`server.grid.REPLY_SIGNAL`. Flower's
     engine looks for new instructions every 0.1 s, and the ServerApp's grid for replies every
-    ``poll_interval``: up to 0.2 s of idle time per exchange, four exchanges per SecAgg+ round
-    against one for a plain round. Wrapped on this instance only.
+    ``poll_interval``: up to 0.2 s of idle time per exchange, three exchanges per SecAgg+ round
+    against one for a plain round. A stored reply is signalled with the id of the instruction it
+    answers (:meth:`server.grid.StoreSignal.take`). Wrapped on this instance only.
     """
     if getattr(state, "_fedseg_signals", False):
         return
@@ -76,11 +77,14 @@ def _signal_stores(state: InMemoryLinkState) -> None:
         finally:
             PUSHED.notify()
 
-    def store_message_res(*args: Any, **kwargs: Any) -> Any:
+    def store_message_res(message: Any) -> Any:
+        stored = None
         try:
-            return store_res(*args, **kwargs)
+            stored = store_res(message)
+            return stored
         finally:
-            REPLY_SIGNAL.notify()
+            # Name the instruction answered, so the grid asks the state about it alone.
+            REPLY_SIGNAL.notify(message.metadata.reply_to_message_id if stored else None)
 
     state.store_message_ins = store_message_ins  # type: ignore[method-assign]
     state.store_message_res = store_message_res  # type: ignore[method-assign]

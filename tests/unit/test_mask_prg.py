@@ -79,3 +79,16 @@ def test_install_refuses_a_module_without_the_function():
     stranger = types.ModuleType("flwr_from_the_future")
     with pytest.raises(RuntimeError, match=r"flwr==1\.42\.0"):
         mask_prg.install(stranger)
+
+
+@pytest.mark.parametrize("num_range", [2, 2**16, 2**31, 2**32])
+def test_power_of_two_masks_are_the_keystream_words_modulo_the_range(num_range):
+    import hashlib
+
+    seed = b"pairwise key of two sites" * 2
+    masks = mask_prg.keystream_masks(seed, num_range, [(1,), (7, 3), ()])
+    words = mask_prg._keystream_words(hashlib.sha256(seed).digest(), 1 + 21 + 1).astype(np.int64)
+    expected = words % num_range
+    got = np.concatenate([m.ravel() for m in masks])
+    np.testing.assert_array_equal(got, expected)
+    assert all(m.dtype == np.int64 for m in masks)

@@ -8,8 +8,8 @@ import types
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common import npy, shamir
 from common import secagg_primitives as prim
-from common import shamir
 
 CLIENT_MOD = importlib.import_module(prim.CLIENT_MOD)
 WORKFLOW = importlib.import_module(prim.SERVER_WORKFLOW)
@@ -26,6 +26,7 @@ def test_client_and_server_modules_use_the_replacements():
     assert WORKFLOW.combine_shares is shamir.combine_shares
     assert CLIENT_MOD.generate_shared_key is prim.generate_shared_key
     assert WORKFLOW.bytes_to_private_key is prim.bytes_to_private_key
+    assert WORKFLOW.bytes_to_ndarray is npy.bytes_to_ndarray  # the masked vectors' reader
     assert client.app.secagg_suite() == server.app.secagg_suite() == prim.SUITE_ID
 
 
@@ -105,3 +106,14 @@ def test_uninstall_restores_flowers_primitives_and_changes_the_suite():
         prim.install(*client.app.PRIMITIVE_MODULES)
     assert client.app.secagg_suite() == prim.SUITE_ID
     assert FLOWER_SHAMIR.create_shares is shamir.create_shares
+
+
+def test_a_name_used_only_inside_a_comprehension_counts_as_looked_up_in_the_module():
+    # Flower reads the masked vectors in a list comprehension (nested code of its own).
+    from common.mask_prg import calls_by_global_name
+
+    module = types.ModuleType("flwr_like")
+    exec("def read(blobs):\n    return [load(b) for b in blobs]\n"
+         "def bound(blobs, load=None):\n    return [load(b) for b in blobs]\n", module.__dict__)
+    assert calls_by_global_name(module.read, module, "load")
+    assert not calls_by_global_name(module.bound, module, "load")  # a parameter, not global

@@ -94,3 +94,16 @@ def test_split_refuses_impossible_thresholds():
     for threshold, num in [(0, 3), (4, 3), (1, 0)]:
         with pytest.raises(ValueError, match="threshold"):
             shamir.create_shares(b"x", threshold, num)
+
+
+def test_cached_weights_serve_every_order_of_the_same_indices():
+    # The server combines many secrets over the same index set; the weights are cached by the
+    # set, so each order of the shares must still get the weight of its own index.
+    rng = random.Random(7)
+    secrets_ = [os.urandom(32) for _ in range(6)]
+    for secret in secrets_:
+        shares = shamir.create_shares(secret, 4, 7)
+        for _ in range(4):
+            subset = rng.sample(shares[:5], 5)  # indices {1..5} in a new order each time
+            assert shamir.combine_shares(subset) == secret
+    assert shamir._weights_at_zero.cache_info().hits > 0
