@@ -246,7 +246,7 @@ class AESettings:
     clip_norm: float = 0.2
     numeric_weight: float = 1.0
     candidates: int = 1
-    moves: int = 0
+    moves: int = 3
     move_rounds: int = 80
 
     def __post_init__(self) -> None:
@@ -300,12 +300,14 @@ class AESettings:
                               ">= 0 (0: local_epochs passes).")
         if int(self.candidates) < 1:
             raise ConfigError(f"model.autoencoder.candidates={self.candidates} should be >= 1.")
-        if int(self.moves) < 0 or int(self.move_rounds) < 1 \
-                or (int(self.moves) and not self.code_statistics):
-            raise ConfigError(f"model.autoencoder.moves={self.moves} should be >= 0 (> 0 only "
-                              f"with bottleneck=gumbel_softmax and split_share > 0: a move "
-                              f"needs the per-code statistics) and move_rounds="
-                              f"{self.move_rounds} >= 1.")
+        if int(self.moves) < 0 or int(self.move_rounds) < 1:
+            raise ConfigError(f"model.autoencoder.moves={self.moves} should be >= 0 and "
+                              f"model.autoencoder.move_rounds={self.move_rounds} >= 1.")
+        if int(self.moves) and not self.code_statistics:
+            raise ConfigError(f"model.autoencoder.moves={self.moves} needs the per-code "
+                              f"statistics of bottleneck=gumbel_softmax with split_share > 0 "
+                              f"(here bottleneck={self.bottleneck}, split_share="
+                              f"{self.split_share}): set model.autoencoder.moves=0 too.")
         if not self.numeric_weight > 0:
             raise ConfigError(f"model.autoencoder.numeric_weight={self.numeric_weight} should "
                               "be > 0.")

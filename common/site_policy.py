@@ -115,7 +115,7 @@ class SitePolicy:
     dp_delta: float = 1e-6
     max_customers: int = 10_000_000
     dp_max_relied_sites: int = 0
-    max_ae_rounds: int = 300
+    max_ae_rounds: int = 600
     max_ae_epochs: int = 10
     max_ae_params: int = 200_000
     max_embed_dim: int = 16

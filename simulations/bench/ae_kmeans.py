@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the first recipe (FedAvg, tanh) for comparison")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="AESettings changes, e.g. lr=0.05 split_share=0")
-    parser.add_argument("--runs", nargs="+", choices=("federated", "central"),
-                        default=["federated", "central"], help="the autoencoder runs to make")
+    parser.add_argument("--runs", nargs="*", choices=("federated", "central"),
+                        default=["federated", "central"],
+                        help="the in-process autoencoder runs to make (none: only k-means and, "
+                             "with --flower, the Flower runs)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from common.autoencoder import (
     AESettings,
@@ -41,7 +42,7 @@ FEATURES = (
 )
 SMALL = AESettings(hidden=(8,), embed_dim=2, category_dim=2, local_epochs=2, batch_size=32,
                    lr=1e-2, rounds=3, device="cpu", bottleneck="tanh", local_optimizer="adam",
-                   local_steps=0, server_optimizer="average", drift_correction="none")
+                   local_steps=0, server_optimizer="average", drift_correction="none", moves=0)
 """The first design (FedAvg of local Adam epochs through a noisy tanh bottleneck), small."""
 
 
@@ -421,7 +422,7 @@ def test_a_site_answers_a_training_round_with_weighted_weights_count_and_loss(tm
 # --------------------------------------------------------------------------- the default recipe
 
 RECIPE = AESettings(hidden=(8,), embed_dim=2, category_dim=2, batch_size=32, local_steps=5,
-                    rounds=3, device="cpu")
+                    rounds=3, device="cpu", moves=0)
 """The default recipe (Gumbel-softmax codes, local SGD + SCAFFOLD, server Adam), small."""
 
 
@@ -558,7 +559,7 @@ def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
 
 SPLITTING = AESettings(hidden=(8,), embed_dim=3, category_dim=2, batch_size=32, local_steps=5,
                        rounds=4, split_every=2, split_until=1.0, split_patience=1,
-                       device="cpu")
+                       device="cpu", moves=0)
 """The default recipe with three codes, looking for dead codes every second round and
 splitting one at the first look it is dead at."""
 
@@ -651,8 +652,8 @@ def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
     assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=9,
                         control_variates=True, code_statistics=3) == \
         [(9,), (1,), (1,), (9,), (3,), (3,)]
-    assert not AESettings(split_share=0.0).code_statistics
-    assert not AESettings(bottleneck="tanh").code_statistics
+    assert not AESettings(split_share=0.0, moves=0).code_statistics
+    assert not AESettings(bottleneck="tanh", moves=0).code_statistics
     shapes = [(9,), (1,), (1,), (9,), (3,), (3,)]
     reply = [np.zeros(9), np.ones(1), np.ones(1), np.zeros(9), np.array([1.0, 0.0, 0.0]),
              np.array([0.5, 0.0, 0.0])]
@@ -668,7 +669,7 @@ def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
 # --------------------------------------------------------------------------- candidates
 
 def test_each_candidate_restarts_the_temperature_from_its_own_initial_weights():
-    ae = AESettings(rounds=4, candidates=3, seed=7)
+    ae = AESettings(rounds=4, candidates=3, seed=7, moves=0)
     assert ae.training_rounds == 12
     assert [ae.temperature(r) for r in (0, 4, 8)] == [ae.temperature_start] * 3
     assert ae.temperature(7) == pytest.approx(ae.temperature_end)
@@ -833,5 +834,19 @@ def test_when_every_move_loses_the_settled_model_is_embedded():
     assert coordinator.phase is Phase.EMBED
     assert np.array_equal(coordinator.weights, trained)
     assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
-    with pytest.raises(ConfigError, match="moves=1"):
+    with pytest.raises(ConfigError, match=r"moves=1 needs .*split_share=0\.0.*moves=0"):
         AESettings(moves=1, split_share=0.0)
+    with pytest.raises(ConfigError, match=r"moves=3 needs .*bottleneck=tanh.*moves=0"):
+        AESettings(bottleneck="tanh")
+    with pytest.raises(ConfigError, match="move_rounds=0 >= 1"):
+        AESettings(move_rounds=0)
+
+
+def test_the_default_recipe_with_its_moves_fits_the_default_site_policy():
+    """A site with conf/site/default.yaml admits ``model=ae_kmeans`` as configured by default."""
+    ae = AESettings()
+    assert ae.moves == 3
+    assert ae.training_rounds == ae.rounds + (ae.moves + 1) * ae.move_rounds == 520
+    assert ae.training_rounds <= SitePolicy().max_ae_rounds
+    site_yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/site/default.yaml")
+    assert ae.training_rounds <= int(site_yaml.max_ae_rounds)
