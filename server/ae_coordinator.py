@@ -80,6 +80,12 @@ class AEKMeansCoordinator(CoordinatorViews):
     candidate_weights: list[NDArray[np.float64]] = field(default_factory=list)
     move_log: list[dict[str, Any]] = field(default_factory=list)
     settled_loss: float | None = None
+    final_loss: float | None = None
+    """Released loss of the model embedded: the kept candidate's or, with moves, the kept
+    move's (``loss_per_round[-1]`` is the last round trained, often a rejected move's)."""
+    final_code_shares: list[float] | None = None
+    moves_stopped: str | None = None
+    """Why the moves ended before ``moves`` were tried, if they did."""
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -303,6 +309,10 @@ class AEKMeansCoordinator(CoordinatorViews):
             return
         assert self._best_weights is not None
         self.weights = self._best_weights
+        self.final_loss = float(self._best["loss"])
+        best_stats = self._best["stats"]
+        self.final_code_shares = (None if best_stats is None
+                                  else [float(v) for v in best_stats[0]])
         if int(self.ae.moves):
             # The trained model first trains move_rounds more rounds itself, so each move is
             # compared with a model trained as long (another 60 rounds alone lowered the loss of
@@ -325,6 +335,9 @@ class AEKMeansCoordinator(CoordinatorViews):
         """Start the next merge-and-split move from the kept model, or end the training."""
         kept = self._kept
         self._restore(kept)
+        self.final_loss = float(kept["loss"])
+        self.final_code_shares = (None if kept["stats"] is None
+                                  else [float(v) for v in kept["stats"][0]])
         if len(self.move_log) >= int(self.ae.moves) or kept["stats"] is None:
             self.phase = Phase.EMBED
             return
@@ -339,6 +352,10 @@ class AEKMeansCoordinator(CoordinatorViews):
         order = [(i, j, int(c)) for _, i, j in pairs
                  for c in np.argsort(-mean_loss, kind="stable")
                  if c not in (i, j) and shares[c] > 0]
+        if not order:  # no code in use outside the pairs: no move to try
+            self.moves_stopped = "fewer than three codes in use: no move to try"
+            self.phase = Phase.EMBED
+            return
         i, j, source = order[self._move_rank % len(order)]
         emptied = i if shares[i] <= shares[j] else j
         rng = np.random.default_rng([int(self.ae.seed), self.ae_rounds, 4])
@@ -414,6 +431,9 @@ class AEKMeansCoordinator(CoordinatorViews):
                             "chosen_candidate": self.chosen_candidate,
                             "merge_split_moves": list(self.move_log),
                             "loss_before_moves": self.settled_loss,
+                            "final_loss": self.final_loss,
+                            "final_code_shares": self.final_code_shares,
+                            "moves_stopped": self.moves_stopped,
                             "code_shares_last_round": (self.code_shares[-1]
                                                        if self.code_shares else None),
                             "client_drift_fix": ", ".join(

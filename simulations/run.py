@@ -451,8 +451,8 @@ def central_ae_kmeans(population: Population, ae: AESettings, *, settings: KMean
     The same code, settings and seed as the federated run (training, dead-code splits,
     merge-and-split moves, k-means in the embedding), in one process on every customer at
     once: what a trusted curator with a central warehouse would get from the same recipe
-    (:func:`simulations.inprocess.run_inprocess_ae`). ``loss`` is the last training round's
-    mean reconstruction loss.
+    (:func:`simulations.inprocess.run_inprocess_ae`). ``loss`` is the released mean
+    reconstruction loss of the model it embedded with.
     """
     from simulations.inprocess import run_inprocess_ae
 
@@ -461,7 +461,7 @@ def central_ae_kmeans(population: Population, ae: AESettings, *, settings: KMean
                                    settings=settings, ae=replace(ae, device=device))
     model = coordinator.build_model(privacy={}, config={})
     labels = model.assign(population.raw)
-    loss = float(coordinator.ae_loss[-1]) if coordinator.ae_loss else float("nan")
+    loss = float("nan") if coordinator.final_loss is None else coordinator.final_loss
     return CentralReference(labels=np.asarray(labels, dtype=np.int64), loss=loss,
                             seconds=time.perf_counter() - started)
 

@@ -102,7 +102,7 @@ def _ae_ari(population: Population, parts: list[Any], settings: KMeansSettings,
 FIRST_DESIGN: dict[str, Any] = {"embed_dim": 2, "lr": 3e-3, "rounds": 20, "bottleneck": "tanh",
                                  "local_optimizer": "adam", "local_steps": 0,
                                  "local_epochs": 2, "server_optimizer": "average",
-                                 "drift_correction": "none"}
+                                 "drift_correction": "none", "moves": 0}
 """The first ``model=ae_kmeans`` recipe (2026-11-30), as :class:`AESettings` changes."""
 
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-first-design", action="store_true",
                         help="skip the first recipe (FedAvg, tanh) for comparison")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="AESettings changes, e.g. lr=0.05 split_share=0")
+                        help="AESettings changes, e.g. lr=0.05 split_share=0 moves=0")
     parser.add_argument("--runs", nargs="*", choices=("federated", "central"),
                         default=["federated", "central"],
                         help="the in-process autoencoder runs to make (none: only k-means and, "

@@ -266,6 +266,36 @@ def test_autoencoder_plans_outside_the_site_policy_are_refused(policy, plan_chan
         plan.check_against(site, features=plan.features, prg=plan.prg)
 
 
+def test_more_local_steps_than_the_site_allows_are_refused():
+    plan = _plan(_coordinator(rounds=2, local_steps=40))
+    plan.check_against(SitePolicy(require_dp=False, max_ae_local_steps=40),
+                       features=plan.features, prg=plan.prg)
+    with pytest.raises(SiteRefusal, match="local steps per round=40 exceeds this site's limit 39"):
+        plan.check_against(SitePolicy(require_dp=False, max_ae_local_steps=39),
+                           features=plan.features, prg=plan.prg)
+
+
+def test_a_scaffold_anchor_other_than_the_last_rounds_weights_is_refused():
+    """The site's second gradient is measured only where it trained last round."""
+    coordinator = _coordinator(rounds=3, drift_correction="scaffold")
+    plan = _plan(coordinator)
+    p, d = coordinator.n_params, len(FEATURES)
+    scale = [np.zeros(d), np.ones(d)]
+    first, second = np.full(p, 0.1), np.full(p, 0.2)
+    session = SiteSession.from_json(SiteSession().to_json())
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    # Round 1: no control yet, so the anchor is not used and anything goes.
+    session.admit(plan, Phase.AE_TRAIN, [*scale, first, np.full(p, 9.0), np.zeros(p)], groups=1)
+    session = SiteSession.from_json(session.to_json())  # as the node's context keeps it
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor") as info:
+        session.admit(plan, Phase.AE_TRAIN, [*scale, second, first + 1e-9, np.ones(p)],
+                      groups=1)
+    assert info.value.code == "protocol"
+    session.admit(plan, Phase.AE_TRAIN, [*scale, second, first, np.ones(p)], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor"):  # round 2's weights now
+        session.admit(plan, Phase.AE_TRAIN, [*scale, second, first, np.ones(p)], groups=1)
+
+
 def test_a_malformed_autoencoder_plan_is_a_protocol_refusal():
     coordinator = _coordinator()
     doc = json.loads(coordinator.run_plan_ae())
@@ -515,6 +545,7 @@ def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructio
     assert [a.shape for a in arrays] == coordinator.expected_instruction_shapes() == \
         [(len(FEATURES),), (len(FEATURES),), (p,), (p,), (p,)]
     assert not np.any(arrays[4])  # no control measured before the first round
+    first_round = arrays
     sent = coordinator.weights.copy()
     trained = sent + 1.0
     coordinator.step([30 * trained, np.array([30.0]), np.array([6.0]), np.full(p, 3.0),
@@ -533,6 +564,9 @@ def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructio
         session.admit(plan, Phase.AE_TRAIN, arrays[:3], groups=1)
     with pytest.raises(SiteRefusal, match="SCAFFOLD arrays"):
         session.admit(plan, Phase.AE_TRAIN, [*arrays[:4], np.zeros(p - 1)], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor"):  # round 1 not trained here
+        session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
+    session.admit(plan, Phase.AE_TRAIN, first_round, groups=1)
     session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
 
 
@@ -823,6 +857,8 @@ def test_a_move_is_kept_only_if_its_released_loss_is_lower():
     assert np.array_equal(coordinator.weights, moved)
     assert not np.array_equal(coordinator.weights, trained)
     assert coordinator.ae_rounds == coordinator.ae.training_rounds == 8
+    # The model file reports the embedded model's loss, not the last round's (move 2's too).
+    assert coordinator.final_loss == pytest.approx(0.5) == coordinator.ae_loss[-1]
 
 
 def test_when_every_move_loses_the_settled_model_is_embedded():
@@ -834,12 +870,27 @@ def test_when_every_move_loses_the_settled_model_is_embedded():
     assert coordinator.phase is Phase.EMBED
     assert np.array_equal(coordinator.weights, trained)
     assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
+    assert coordinator.final_loss == pytest.approx(0.6)
     with pytest.raises(ConfigError, match=r"moves=1 needs .*split_share=0\.0.*moves=0"):
         AESettings(moves=1, split_share=0.0)
     with pytest.raises(ConfigError, match=r"moves=3 needs .*bottleneck=tanh.*moves=0"):
         AESettings(bottleneck="tanh")
     with pytest.raises(ConfigError, match="move_rounds=0 >= 1"):
         AESettings(move_rounds=0)
+    with pytest.raises(ConfigError, match=r"moves=3 needs embed_dim >= 3.*embed_dim=2"):
+        AESettings(embed_dim=2)
+
+
+def test_the_model_reports_the_embedded_models_loss_not_a_rejected_moves():
+    coordinator = _moving(moves=1)
+    _train_and_settle(coordinator)
+    for server_round, loss in ((6, 18.0), (7, 21.0)):
+        coordinator.step(_train_sums(coordinator, [20, 4, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.move_log[0]["kept"] is False and coordinator.phase is Phase.EMBED
+    assert coordinator.ae_loss[-1] == pytest.approx(0.7)  # the rejected move's last round
+    assert coordinator.final_loss == pytest.approx(0.6)  # the settled model, embedded
+    assert coordinator.final_code_shares == pytest.approx([16 / 30, 8 / 30, 6 / 30])
 
 
 def test_the_default_recipe_with_its_moves_fits_the_default_site_policy():
