@@ -901,3 +901,20 @@ def test_the_default_recipe_with_its_moves_fits_the_default_site_policy():
     assert ae.training_rounds <= SitePolicy().max_ae_rounds
     site_yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/site/default.yaml")
     assert ae.training_rounds <= int(site_yaml.max_ae_rounds)
+
+
+def test_the_central_reference_runs_the_same_protocol_on_the_pooled_data_deterministically():
+    from simulations.datasets import MixedCustomers
+    from simulations.run import central_ae_kmeans
+
+    population = MixedCustomers(num_customers=800).load(seed=0)
+    ae = AESettings(hidden=(8,), embed_dim=4, category_dim=2, batch_size=32, local_steps=5,
+                    rounds=4, split_every=2, moves=1, move_rounds=2, device="cpu", seed=0)
+    settings = KMeansSettings(k=4, n_init=1, init_rounds=1, init_candidates=8, max_rounds=5,
+                              seed=0)
+    first = central_ae_kmeans(population, ae, settings=settings, device="cpu")
+    again = central_ae_kmeans(population, ae, settings=settings, device="cpu")
+    assert first.labels.shape == (population.raw.shape[0],)
+    assert set(np.unique(first.labels)) <= set(range(4)) and len(np.unique(first.labels)) >= 2
+    assert np.array_equal(first.labels, again.labels) and first.loss == again.loss
+    assert np.isfinite(first.loss) and first.loss > 0
