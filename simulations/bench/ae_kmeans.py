@@ -211,9 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         flower = r.get("flower", {}).get("ari")
         first = r.get("ae first design")
-        fed, central = r.get("ae federated", float("nan")), r.get("ae central", float("nan"))
+        fed, central = r.get("ae federated"), r.get("ae central")
+
+        def cell(value: float | None, sign: str = "") -> str:
+            return "-" if value is None else f"{value:{sign}.3f}"
+
         print(f"| {r['data']} | {r['seed']} | {r['sites']} | {r['kmeans']:.3f} | "
-              f"{fed:.3f} | {central:.3f} | {fed - central:+.3f} | "
+              f"{cell(fed)} | {cell(central)} | "
+              f"{cell(None if fed is None or central is None else fed - central, '+')} | "
               + ("-" if first is None else f"{first:.3f}") + " | "
               + ("-" if flower is None else f"{flower:.3f}") + " |")
     flower_rows = [r for r in rows if "flower" in r]
