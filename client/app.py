@@ -155,7 +155,8 @@ def ae_site_statistics(
     phase : Phase
         Any phase but ``moments`` (the same as :func:`site_statistics`).
     instruction : sequence of ndarray
-        ``[mean, std, weights]`` (ae_train, embed) or ``[mean, std, weights, embedding mean,
+        ``[mean, std, weights]`` (ae_train, embed; ``ae_train`` with SCAFFOLD adds ``[anchor
+        weights, all sites' mean gradient there]``) or ``[mean, std, weights, embedding mean,
         embedding std, centres]`` (init, lloyd, profile): already admitted by the session.
     settings : AESettings
         From the run plan, with the site's own ``device``.
@@ -164,7 +165,8 @@ def ae_site_statistics(
     groups : int, default=1
         Independent centre sets (parallel Lloyd runs).
     train_round : int, default=0
-        Index of this ``ae_train`` request in the run: seeds the mini-batch order.
+        Index of this ``ae_train`` request in the run: seeds the mini-batch order and sets the
+        bottleneck's temperature.
 
     Returns
     -------
@@ -180,10 +182,16 @@ def ae_site_statistics(
     x = standardise(site.transformed, layout, mean, std)
     m, d = settings.embed_dim, len(site.features)
     if phase is Phase.AE_TRAIN:
+        anchor, control = arrays[3:5] if settings.control_variates else (None, None)
         trained = local_train(weights, x, layout=layout, settings=settings,
-                              rng=np.random.default_rng([settings.seed, train_round]))
+                              rng=np.random.default_rng([settings.seed, train_round]),
+                              train_round=train_round, anchor=anchor, control=control)
         n = float(trained.n_records)
         reply = [n * trained.params, np.array([n]), np.array([trained.loss_sum])]
+        if trained.gradient_sum is not None:  # SCAFFOLD: sum over customers of gradients
+            reply.append(trained.gradient_sum)
+        if trained.code_counts is not None and trained.code_loss_sums is not None:
+            reply += [trained.code_counts, trained.code_loss_sums]  # dead-code split
         n_centres = 0
     else:
         z = embed(weights, x, layout=layout, settings=settings)
@@ -206,7 +214,8 @@ def ae_site_statistics(
                           for block in np.split(centres, groups)]
                 reply = [np.concatenate(parts) for parts in zip(*blocks, strict=True)]
     expected = reply_shapes(phase, n_centres=n_centres, n_features=m, n_params=n_params,
-                            n_profile=d)
+                            n_profile=d, control_variates=settings.control_variates,
+                            code_statistics=m if settings.code_statistics else 0)
     got = [a.shape for a in reply]
     if got != expected:  # a programming error: never send a non-public shape
         raise ProtocolError(f"reply shapes {got} differ from the public layout {expected}.")

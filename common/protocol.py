@@ -42,7 +42,7 @@ KMEANS_PHASES = (Phase.MOMENTS, Phase.INIT, Phase.LLOYD, Phase.PROFILE)
 
 def reply_shapes(
     phase: Phase, *, n_centres: int, n_features: int, dp: bool = False, n_params: int = 0,
-    n_profile: int = 0,
+    n_profile: int = 0, control_variates: bool = False, code_statistics: int = 0,
 ) -> list[tuple[int, ...]]:
     """Public shapes of a site's (unencoded) reply in ``phase``.
 
@@ -61,10 +61,23 @@ def reply_shapes(
     n_profile : int, default=0
         ``model=ae_kmeans``: the clusters live in the embedding (``n_features`` = its size),
         the profile sums the ``n_profile`` original features; 0 means ``n_features``.
+    control_variates : bool, default=False
+        ``ae_train`` with SCAFFOLD: a fourth array, the sum of the site's customers' loss
+        gradients at the global weights ``(n_params,)``.
+    code_statistics : int, default=0
+        ``ae_train`` with the dead-code split (``AESettings.code_statistics``): the number of
+        codes; two more arrays of that length, the customers per code and their loss sums.
     """
     k, d = n_centres, n_features
     if phase is Phase.AE_TRAIN:
-        return [(n_params,), (1,), (1,)]  # sum of customers * weights, customers, loss sum
+        # sum of customers * weights, customers, loss sum (+ sum of gradients)
+        # (+ customers and loss sums per code)
+        shapes: list[tuple[int, ...]] = [(n_params,), (1,), (1,)]
+        if control_variates:
+            shapes.append((n_params,))
+        if code_statistics:
+            shapes += [(code_statistics,), (code_statistics,)]
+        return shapes
     if phase in (Phase.MOMENTS, Phase.EMBED):
         return [(1,), (d,), (d,)]
     if dp:
@@ -88,7 +101,10 @@ class Role(StrEnum):
     """Sums of (standardised or raw) values: any sign."""
 
 
-def reply_roles(phase: Phase, *, dp: bool = False) -> tuple[Role, ...]:
+def reply_roles(
+    phase: Phase, *, dp: bool = False, control_variates: bool = False,
+    code_statistics: bool = False,
+) -> tuple[Role, ...]:
     """Return what each array of a site's reply in ``phase`` holds (order of :func:`reply_shapes`).
 
     Parameters
@@ -97,10 +113,17 @@ def reply_roles(phase: Phase, *, dp: bool = False) -> tuple[Role, ...]:
     dp : bool, default=False
         Differentially private layout: the normalised moments and clipped offset sums of
         :mod:`common.dp` have any sign; only the counts keep their role.
+    control_variates : bool, default=False
+        ``ae_train`` with SCAFFOLD (:func:`reply_shapes`): the gradient sum, any sign.
+    code_statistics : bool, default=False
+        ``ae_train`` with the dead-code split: customers per code, then their loss sums.
     """
     c, n, s = Role.COUNT, Role.NONNEGATIVE, Role.SIGNED
     if phase is Phase.AE_TRAIN:
-        return (s, c, n)  # customers * weights, customers, reconstruction loss sum
+        # customers * weights, customers, reconstruction loss sum (+ gradient sum)
+        # (+ customers and loss sums per code)
+        return ((s, c, n) + ((s,) if control_variates else ())
+                + ((c, n) if code_statistics else ()))
     if phase is Phase.EMBED:
         return (c, s, n)
     if dp:
@@ -139,7 +162,10 @@ def check_site_reply(
     ProtocolError
         Naming the first problem found.
     """
-    roles = reply_roles(phase)
+    # ae_train layouts differ in length: 3 arrays plain, +1 with SCAFFOLD's gradient sum,
+    # +2 with the per-code statistics (so 4: SCAFFOLD, 5: codes, 6: both).
+    extra = len(shapes) - 3 if phase is Phase.AE_TRAIN else 0
+    roles = reply_roles(phase, control_variates=extra in (1, 3), code_statistics=extra >= 2)
     if len(arrays) != len(shapes):
         raise ProtocolError(f"{len(arrays)} arrays; the {phase.value} phase expects "
                             f"{len(shapes)}.")
@@ -168,16 +194,20 @@ def instruction_shapes(phase: Phase, *, n_centres: int, n_features: int) -> list
 
 
 def ae_instruction_shapes(
-    phase: Phase, *, n_centres: int, n_features: int, n_params: int, embed_dim: int
+    phase: Phase, *, n_centres: int, n_features: int, n_params: int, embed_dim: int,
+    control_variates: bool = False,
 ) -> list[tuple[int, ...]]:
     """Public shapes of a ``model=ae_kmeans`` instruction.
 
-    ``[]`` (moments); ``[mean, std, weights]`` (ae_train, embed); afterwards
+    ``[]`` (moments); ``[mean, std, weights]`` (ae_train, embed) -- ``ae_train`` with
+    ``control_variates`` (SCAFFOLD) adds ``[anchor weights, mean gradient there]``; afterwards
     ``[mean, std, weights, embedding mean, embedding std, centres in the embedding]``.
     """
     d, m = n_features, embed_dim
     if phase is Phase.MOMENTS:
         return []
+    if phase is Phase.AE_TRAIN and control_variates:
+        return [(d,), (d,), (n_params,), (n_params,), (n_params,)]
     if phase in (Phase.AE_TRAIN, Phase.EMBED):
         return [(d,), (d,), (n_params,)]
     return [(d,), (d,), (n_params,), (m,), (m,), (n_centres, m)]

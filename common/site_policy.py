@@ -88,9 +88,10 @@ class SitePolicy:
         At most this many sites' noise shares are relied on (0: no cap). A site that knows how
         many real sites its federation has sets it, so that a server announcing invented sites
         (Sybils) cannot thin its noise share.
-    max_ae_rounds, max_ae_epochs, max_ae_params, max_embed_dim : int
+    max_ae_rounds, max_ae_epochs, max_ae_local_steps, max_ae_params, max_embed_dim : int
         Largest autoencoder plan (``model=ae_kmeans``) the site trains: federated rounds,
-        local epochs per round, parameters, embedding size. Every round releases a
+        local epochs per round (``local_steps=0``), mini-batch steps per round (otherwise),
+        parameters, embedding size. Every round releases a
         customer-weighted sum of trained weights (inside SecAgg+, never with DP yet), so a site
         bounds how many such releases and how large a model a run may ask for.
     device : str
@@ -115,8 +116,9 @@ class SitePolicy:
     dp_delta: float = 1e-6
     max_customers: int = 10_000_000
     dp_max_relied_sites: int = 0
-    max_ae_rounds: int = 100
+    max_ae_rounds: int = 600
     max_ae_epochs: int = 10
+    max_ae_local_steps: int = 500
     max_ae_params: int = 200_000
     max_embed_dim: int = 16
     device: str = "auto"
@@ -127,7 +129,8 @@ class SitePolicy:
         for name in ("min_sites", "min_customers", "max_k", "max_restarts",
                      "max_init_candidates", "max_init_rounds", "max_lloyd_rounds",
                      "max_rounds_per_day", "failure_log2", "max_customers", "max_ae_rounds",
-                     "max_ae_epochs", "max_ae_params", "max_embed_dim"):
+                     "max_ae_epochs", "max_ae_local_steps", "max_ae_params",
+                     "max_embed_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"site.{name}={getattr(self, name)} should be >= 1.")
         if self.min_sites < 2:
@@ -361,8 +364,10 @@ class RunPlan:
         if self.dp:
             raise SiteRefusal("policy", "the autoencoder's training is not differentially "
                               "private yet; this site trains it only in runs without DP.")
-        limits = [("autoencoder rounds", settings.rounds, policy.max_ae_rounds),
+        limits = [("autoencoder training rounds (candidates and moves)",
+                   settings.training_rounds, policy.max_ae_rounds),
                   ("local epochs", settings.local_epochs, policy.max_ae_epochs),
+                  ("local steps per round", settings.local_steps, policy.max_ae_local_steps),
                   ("autoencoder parameters", n_params, policy.max_ae_params),
                   ("embedding size", settings.embed_dim, policy.max_embed_dim)]
         for name, value, limit in limits:
@@ -414,6 +419,9 @@ class SiteSession:
         later request must embed with exactly these.
     embedding_scaling : str
         ``ae_kmeans``: digest of the embedding's mean/std pinned at the first cluster request.
+    ae_weights : str
+        ``ae_kmeans``: digest of the weights of the last ``ae_train`` request; a SCAFFOLD
+        anchor with a non-zero control must equal them.
     """
 
     plan: str = ""
@@ -422,6 +430,7 @@ class SiteSession:
     scaling: str = ""
     encoder: str = ""
     embedding_scaling: str = ""
+    ae_weights: str = ""
 
     def to_json(self) -> str:
         """Serialise for the node's context."""
@@ -485,7 +494,7 @@ class SiteSession:
         (it then answers fewer requests, never more): what bounds the server is the count of
         each phase, the order, and one profile round.
         """
-        ae_rounds = plan.ae_settings()[0].rounds if plan.ae else 0
+        ae_rounds = plan.ae_settings()[0].training_rounds if plan.ae else 0
         caps = {Phase.MOMENTS: 1, Phase.AE_TRAIN: ae_rounds, Phase.EMBED: 1 if plan.ae else 0,
                 Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds, Phase.PROFILE: 1}
         if plan.ae and not done[Phase.EMBED]:
@@ -499,14 +508,24 @@ class SiteSession:
         self, plan: RunPlan, phase: Phase, instruction: list[NDArray[np.float64]], *,
         groups: int,
     ) -> None:
-        """``ae_kmeans``: [mean, std, weights] (+ [embedding mean, std, centres] later)."""
+        """``ae_kmeans``: [mean, std, weights] (+ [embedding mean, std, centres] later).
+
+        ``ae_train`` with SCAFFOLD also carries [anchor weights, mean gradient there], each of
+        the weights' length.
+        """
         settings, n_params = plan.ae_settings()
         d, m = len(plan.features), settings.embed_dim
         arrays = [np.asarray(a, dtype=np.float64) for a in instruction]
         training = phase in (Phase.AE_TRAIN, Phase.EMBED)
-        if len(arrays) != (3 if training else 6):
+        scaffold = phase is Phase.AE_TRAIN and settings.control_variates
+        wanted = 5 if scaffold else 3 if training else 6
+        if len(arrays) != wanted:
             raise SiteRefusal("protocol", f"phase {phase.value} of an autoencoder run needs "
-                              f"{3 if training else 6} arrays; got {len(arrays)}.")
+                              f"{wanted} arrays; got {len(arrays)}.")
+        if scaffold and any(a.shape != (n_params,) for a in arrays[3:]):
+            raise SiteRefusal("protocol", f"phase {phase.value}: SCAFFOLD arrays of shapes "
+                              f"{[a.shape for a in arrays[3:]]}; the plan allows "
+                              f"[({n_params},), ({n_params},)].")
         mean, std, weights = arrays[:3]
         if mean.shape != (d,) or std.shape != (d,) or weights.shape != (n_params,):
             raise SiteRefusal("protocol", f"phase {phase.value}: arrays of shapes "
@@ -519,6 +538,13 @@ class SiteSession:
         if phase is Phase.AE_TRAIN:
             if groups != 1:
                 raise SiteRefusal("protocol", "autoencoder rounds have one group.")
+            if scaffold and np.any(arrays[4] != 0) and _digest(arrays[3]) != self.ae_weights:
+                # The site measures its gradient a second time at the anchor: only at the
+                # weights it trained from last round, never at a point the server picks.
+                raise SiteRefusal("protocol", "the SCAFFOLD anchor is not the weights of this "
+                                  "site's previous training round; a gradient is computed "
+                                  "only there.")
+            self.ae_weights = _digest(weights)
             return
         encoder = _digest(weights)
         if phase is Phase.EMBED:

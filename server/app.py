@@ -258,7 +258,7 @@ class FederationPlan:
         """Rounds of a run at most: moments + initialisation + Lloyd + profile."""
         if self.dp is not None:
             return sum(self.dp.rounds.values())
-        extra = 0 if self.ae is None else self.ae.rounds + 1  # training + embed rounds
+        extra = 0 if self.ae is None else self.ae.training_rounds + 1  # training + embed
         return 2 + extra + self.settings.init_rounds + self.settings.max_rounds
 
     @property

@@ -4,9 +4,9 @@ Each customer belongs to one of :data:`MIXED_SEGMENTS` (of very unequal size: ab
 down to 6 %). A segment is defined jointly, never by one column:
 
 * a **combination of categorical values** -- preferred channel, favourite category, payment
-  method and delivery mode -- where each segment has *two* usual values per categorical (app
-  or web; wallet or card...), every value is shared by several segments and only the
-  combination is specific;
+  method and delivery mode -- where each segment leans to *two* usual values per categorical
+  (app or web; wallet or card...), every value is shared by several segments and only the
+  combination is specific (two segments lean only slightly: see below);
 * eight **behaviour flags** (organic, children's products, coupons, returns, reviews,
   weekends, late nights, premium): each segment has its own on/off pattern
   (:data:`_BEHAVIOUR_CODES`, rates 0.7 / 0.2), none alone separates the segments;
@@ -19,10 +19,27 @@ categorical values (favourite brand: 15 of its 20 brands at 3 % each; a few cust
 books or pay by invoice), a rare gift-card flag and three common settings flags (SMS, paperless
 receipts, app notifications).
 
+Segments differ in how *heterogeneous* they are, as real ones do. The two largest
+(:attr:`MixedSegment.breadth` 0.7) are occasional shoppers who buy a bit of anything through
+any channel: their categorical values and behaviour flags are close to uniform (a slight lean
+to their profile is left), and what sets them apart is *how* they shop -- few orders a year,
+small baskets for one and big-ticket baskets for the other -- not *what*. The four smaller
+segments are peaked: a categorical combination and a behaviour code each. All segments share
+the numeric ranges of the life-cycle arcs (tenure, recency, discounts overlap throughout).
+
 What this does to the two models is measured, not assumed (``python -m
-simulations.bench.ae_kmeans``, docs/BENCHMARKS.md): k-means on the standardised one-hot
-columns weighs every rare value and every settings flag like a segment signal and spends
-clusters on them; an autoencoder reconstructs the columns from what they share.
+simulations.bench.ae_kmeans``, docs/BENCHMARKS.md). k-means on one-hot + standardised columns
+assumes equally spread, spherical segments and counts every z-scored one-hot column as one
+unit of variance, a value of share ``p`` at ``1 / p`` in squared distance: with the broad
+segments spread over all values, no categorical combination anchors a centre for them, and
+k-means spends centres on customers who share one *rare* value instead (seed 0: three of six
+clusters are the book lovers and two rare brands' fans, 500--800 customers each, drawn from
+every segment) and splits the rest roughly by spend. A mixture that keeps a value
+distribution per segment and weighs each original feature once (the autoencoder's Gumbel
+codes, each with its own decoded distribution) can see a broad segment as one flat
+distribution and place it by its numbers (a supervised classifier reaches ARI 0.97, so the
+segments are separable). Neither the rare values nor the settings flags carry segment
+information.
 
 Customers live in regions of unequal size (largest 15 times the smallest), each dominated by
 one segment (70 %) and a second (20 %), so a split by region gives strongly non-IID sites.
@@ -128,6 +145,12 @@ class MixedSegment:
         log_basket_slope, discount_base, discount_slope)``.
     newsletter, loyalty : float
         Base rates of the two flags.
+    breadth : float
+        How heterogeneous the segment's *tastes* are, from 0 (its customers follow
+        ``categories`` and its behaviour code closely) to 1 (no preference at all): categorical
+        probabilities are ``(1 - breadth) * profile + breadth * uniform`` over the common
+        values, and behaviour-flag rates move towards 0.45 by the same share. Its numbers
+        (``curve``) are not widened.
     """
 
     name: str
@@ -136,23 +159,28 @@ class MixedSegment:
     curve: tuple[float, float, float, float, float, float, float, float]
     newsletter: float
     loyalty: float
+    breadth: float = 0.0
 
 
 MIXED_SEGMENTS: tuple[MixedSegment, ...] = (
     MixedSegment(
-        "app trend shoppers", "app users buying fashion and beauty, paying by phone",
+        "occasional small-basket shoppers",
+        "a few small orders a year, through any channel and of anything (a slight lean to app "
+        "fashion and beauty)",
         {"channel": {"app": 0.65, "web": 0.3},
          "favourite_category": {"fashion": 0.55, "beauty": 0.4},
          "payment": {"wallet": 0.6, "card": 0.35},
          "delivery": {"locker": 0.6, "home": 0.35}},
-        (0.0, 1.5, 1.95, 0.2, 3.4, 0.15, 0.35, -0.1), 0.6, 0.2),
+        (0.0, 1.5, 0.6, 0.2, 3.4, 0.15, 0.35, -0.1), 0.6, 0.2, breadth=0.7),
     MixedSegment(
-        "online tech buyers", "web shoppers of electronics and sports gear, home delivery",
+        "big-ticket occasional buyers",
+        "a few large orders a year, through any channel and of anything (a slight lean to web "
+        "electronics and sports gear)",
         {"channel": {"web": 0.65, "app": 0.3},
          "favourite_category": {"electronics": 0.55, "sports": 0.4},
          "payment": {"card": 0.6, "wallet": 0.35},
          "delivery": {"home": 0.6, "locker": 0.35}},
-        (0.0, 1.5, 1.15, 0.2, 4.6, 0.15, 0.15, 0.05), 0.3, 0.1),
+        (0.0, 1.5, 1.0, 0.2, 5.2, 0.15, 0.15, 0.05), 0.3, 0.1, breadth=0.7),
     MixedSegment(
         "store family grocers", "weekly store trips for groceries and home, paying cash",
         {"channel": {"store": 0.65, "web": 0.3},
@@ -199,6 +227,7 @@ _BEHAVIOUR_CODES: Final = (  # one row per segment, one column per behaviour fla
     (0, 0, 1, 1, 0, 0, 1, 1), (1, 0, 1, 0, 1, 0, 1, 0), (0, 1, 0, 1, 0, 1, 0, 1))
 _BEHAVIOUR_HIGH: Final = 0.7
 _BEHAVIOUR_LOW: Final = 0.2
+_BEHAVIOUR_MID: Final = 0.45  # a fully broad segment's rate of every behaviour flag
 # Within-segment noise on the log scale of frequency and basket, and on tenure (years): the
 # individual scatter around a segment's curve.
 _LOG_FREQ_NOISE: Final = 0.30
@@ -331,7 +360,9 @@ def _category_probabilities(segment: MixedSegment, vocabulary: tuple[str, ...],
     common = [v for v in vocabulary if v not in tail]
     rest = (1.0 - sum(usual.values())) / (len(common) - len(usual))
     scale = 1.0 - sum(tail.values())
-    return np.asarray([tail[v] if v in tail else scale * usual.get(v, rest)
+    b = segment.breadth
+    return np.asarray([tail[v] if v in tail else
+                       scale * ((1.0 - b) * usual.get(v, rest) + b / len(common))
                        for v in vocabulary], dtype=np.float64)
 
 
@@ -386,7 +417,10 @@ def _draw_flags(rng: np.random.Generator, segment: NDArray[np.int64],
     # Behaviour flags: each segment shows its own pattern (_BEHAVIOUR_CODES), none alone
     # tells the segments apart, together they do.
     codes = np.asarray(_BEHAVIOUR_CODES, dtype=np.float64)[segment]
-    behaviour = rng.random(codes.shape) < np.where(codes > 0, _BEHAVIOUR_HIGH, _BEHAVIOUR_LOW)
+    # A broad segment's rates move towards _BEHAVIOUR_MID (MixedSegment.breadth).
+    b = np.asarray([s.breadth for s in MIXED_SEGMENTS])[segment][:, None]
+    rate = np.where(codes > 0, _BEHAVIOUR_HIGH, _BEHAVIOUR_LOW)
+    behaviour = rng.random(codes.shape) < (1.0 - b) * rate + b * _BEHAVIOUR_MID
     return np.column_stack([rng.random(n) < np.clip(news, 0, 1),
                             rng.random(n) < np.clip(loyal, 0, 1), gift,
                             settings, behaviour]).astype(np.float64)

@@ -4,8 +4,9 @@ Builds the population (``data``), splits it into sites (``partition``), runs the
 one ClientApp per site on Flower's simulation engine with SecAgg+ (``privacy``), and writes
 into the run directory: ``segments.json`` (the segment model), ``metrics.jsonl`` (one line per
 round), ``summary.json``, the sites' audit logs and Hydra's resolved config. The centralised
-reference (scikit-learn ``KMeans(n_init=10)`` on the pooled, identically standardised data) is
-computed here, in the simulation, for comparison only.
+reference (scikit-learn ``KMeans(n_init=10)`` on the pooled, identically standardised data;
+for ``model=ae_kmeans`` the same protocol run in-process with one site holding the pooled
+data) is computed here, in the simulation, for comparison only.
 """
 
 from __future__ import annotations
@@ -32,14 +33,7 @@ from sklearn.metrics import adjusted_rand_score
 from client.app import make_client_app
 from client.gate import open_gate
 from client.site_files import SiteFiles, audit_head_name
-from common.autoencoder import (
-    AESettings,
-    TabularLayout,
-    build_model,
-    embed,
-    local_train,
-    standardise,
-)
+from common.autoencoder import AESettings
 from common.config import check_run_config, instantiate_config, register_configs
 from common.dp import epsilon_spent
 from common.errors import ConfigError, FedsegError
@@ -47,6 +41,7 @@ from common.features import apply_transforms
 from common.kmeans import compute_stats
 from common.site_policy import SitePolicy, policy_summary, site_policy_from_config
 from server.app import RunResult, make_server_app
+from server.coordinator import KMeansSettings
 from server.plan import plan_from_config
 from server.progress import RoundProgress
 from server.report import (
@@ -402,7 +397,7 @@ def run(
         summary["ae_cpu_seconds_per_site_round"] = float(np.mean(ae_cpu)) if ae_cpu else None
     if cfg.centralized_reference and plan.ae is not None:
         _say("centralised reference: the same autoencoder trained on the pooled data ...")
-        central = central_ae_kmeans(population, plan.ae, k=settings.k, seed=seed,
+        central = central_ae_kmeans(population, plan.ae, settings=settings,
                                     device=policy.device)
         summary["ari_vs_centralized"] = float(adjusted_rand_score(central.labels, fed_labels))
         summary["central_ae"] = {"loss": central.loss, "seconds": central.seconds}
@@ -449,30 +444,25 @@ class CentralReference:
     seconds: float
 
 
-def central_ae_kmeans(population: Population, ae: AESettings, *, k: int, seed: int,
+def central_ae_kmeans(population: Population, ae: AESettings, *, settings: KMeansSettings,
                       device: str = "auto") -> CentralReference:
-    """Train the same autoencoder on the pooled data, then ``KMeans(n_init=10)`` in its embedding.
+    """Run the same ``model=ae_kmeans`` protocol with one site holding the pooled data.
 
-    Same initial weights, the same epochs in total (``rounds * local_epochs``), the pooled
-    data's own scaling: what a central data warehouse would get from the same model.
+    The same code, settings and seed as the federated run (training, dead-code splits,
+    merge-and-split moves, k-means in the embedding), in one process on every customer at
+    once: what a trusted curator with a central warehouse would get from the same recipe
+    (:func:`simulations.inprocess.run_inprocess_ae`). ``loss`` is the released mean
+    reconstruction loss of the model it embedded with.
     """
+    from simulations.inprocess import run_inprocess_ae
+
     started = time.perf_counter()
-    settings = replace(ae, device=device)
-    layout = TabularLayout.from_features(population.features)
-    transformed = apply_transforms(population.raw, population.features)
-    mean, std = transformed.mean(axis=0), transformed.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    x = standardise(transformed, layout, mean, std)
-    params = build_model(layout, settings).get_flat()
-    rng = np.random.default_rng([seed, 1])
-    loss = float("nan")
-    for _ in range(settings.rounds):
-        trained = local_train(params, x, layout=layout, settings=settings, rng=rng)
-        params, loss = trained.params, trained.history[-1]
-    z = embed(params, x, layout=layout, settings=settings)
-    z = (z - z.mean(axis=0)) / np.maximum(z.std(axis=0), 1e-12)
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z)
-    return CentralReference(labels=labels.astype(np.int64), loss=loss,
+    coordinator = run_inprocess_ae([population.raw], features=population.features,
+                                   settings=settings, ae=replace(ae, device=device))
+    model = coordinator.build_model(privacy={}, config={})
+    labels = model.assign(population.raw)
+    loss = float("nan") if coordinator.final_loss is None else coordinator.final_loss
+    return CentralReference(labels=np.asarray(labels, dtype=np.int64), loss=loss,
                             seconds=time.perf_counter() - started)
 
 

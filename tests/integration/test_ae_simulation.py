@@ -16,7 +16,13 @@ from simulations.run import build_sites, run
 pytestmark = pytest.mark.integration
 
 AE = ("model=ae_kmeans", "privacy=secagg", "data=mixed", "data.num_customers=3000",
-      "model.k=5", "model.autoencoder.rounds=3", "model.autoencoder.hidden=[16]",
+      "model.k=5", "model.autoencoder.rounds=10", "model.autoencoder.hidden=[16]",
+      # A short run of the default recipe moves little at its step sizes (ARI ~0.06 after 3
+      # rounds); larger steps make 10 rounds learn the segments (ARI ~0.4 in-process).
+      "model.autoencoder.lr=0.05", "model.autoencoder.server_lr=0.1",
+      # One merge-and-split move of 2 rounds (after 2 settling rounds): the move's path through
+      # Flower and SecAgg+ without the default's 320 extra rounds.
+      "model.autoencoder.moves=1", "model.autoencoder.move_rounds=2",
       "strategy.n_init=2", "strategy.init_rounds=2", "seed=3", "centralized_reference=false")
 
 
@@ -40,14 +46,20 @@ def test_the_autoencoder_trains_through_secagg_and_sites_assign_with_its_encoder
     cfg, out, summary = secagg_run
     assert summary["model"] == "ae_kmeans" and summary["secagg"] is True
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["phase"] for m in metrics[:5]] == ["moments", "ae_train", "ae_train", "ae_train",
-                                                "embed"]
+    trained = 10 + 2 * 2  # rounds, then the settling and the move's rounds
+    assert [m["phase"] for m in metrics[:trained + 2]] == \
+        ["moments", *["ae_train"] * trained, "embed"]
     assert metrics[-1]["phase"] == "profile"
-    for line in metrics[1:4]:  # every training round: each site's CPU time and upload
+    for line in metrics[1:trained + 1]:  # every training round: each site's CPU time and upload
         assert line["cpu_seconds_per_site"] > 0 and line["bytes_uploaded_per_site"] > 0
         assert len(line["bytes_uploaded_by_site"]) == summary["num_sites"]
     losses = summary["ae_loss_per_round"]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == trained and losses[-1] < losses[0]
+    # The move was tried through the secure sums and its outcome recorded in the model file.
+    model_file = json.loads((out / "segments.json").read_text())
+    moves = model_file["training"]["autoencoder"]["merge_split_moves"]
+    assert len(moves) == 1 and isinstance(moves[0]["kept"], bool)
+    assert moves[0]["loss"] > 0 and moves[0]["loss_before"] > 0
     # The published model carries the encoder; a site assigns its own records with it.
     model = SegmentModel.load(out / "segments.json")
     assert model.encoder is not None and len(model.segments) >= 2
@@ -100,9 +112,10 @@ def test_a_server_that_swaps_the_encoder_after_the_embedding_is_refused(make_cfg
         return EncoderSwappingCoordinator(settings=plan.settings, features=plan.features,
                                           ae=plan.ae)
 
+    init_round = 1 + plan.ae.training_rounds + 1 + 1  # moments, training, embed, then init
     with pytest.raises(ProtocolError) as info:
         run(cfg, output_dir=tmp_path, coordinator_factory=factory)
-    assert "round 4 (init) produced no aggregate" in str(info.value)
+    assert f"round {init_round} (init) produced no aggregate" in str(info.value)
     assert "fedseg-site-error protocol" in str(info.value)
     assert not (tmp_path / "segments.json").exists()
     logs = [p.read_text() for p in (tmp_path / "site-logs").glob("site-*.log")]
@@ -111,7 +124,7 @@ def test_a_server_that_swaps_the_encoder_after_the_embedding_is_refused(make_cfg
     entries = [json.loads(line) for f in sorted((tmp_path / "audit").glob("site-*.jsonl"))
                for line in f.read_text().splitlines()]
     assert not any("masked_parameters" in json.dumps(e["configs"]) for e in entries
-                   if e["round"] == "4")
+                   if e["round"] == str(init_round))
 
 
 def test_the_autoencoder_is_refused_with_dp_before_anything_starts(make_cfg, tmp_path):

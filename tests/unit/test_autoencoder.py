@@ -10,19 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from common.autoencoder import (
     AESettings,
     TabularLayout,
     build_model,
+    code_reconstructions,
     embed,
     local_train,
     n_params,
+    split_code,
     standardise,
 )
 from common.errors import ConfigError, DataError, ProtocolError, SiteRefusal
 from common.features import FeatureSpec
-from common.protocol import Phase, reply_roles, reply_shapes
+from common.protocol import Phase, check_site_reply, reply_roles, reply_shapes
 from common.segment_encoder import SegmentEncoder, segment_of_centre
 from common.segment_model import SegmentModel
 from common.site_policy import RunPlan, SitePolicy, SiteSession
@@ -38,7 +41,9 @@ FEATURES = (
     FeatureSpec(name="channel=app", kind="category", group="channel"),
 )
 SMALL = AESettings(hidden=(8,), embed_dim=2, category_dim=2, local_epochs=2, batch_size=32,
-                   lr=1e-2, rounds=3, device="cpu")
+                   lr=1e-2, rounds=3, device="cpu", bottleneck="tanh", local_optimizer="adam",
+                   local_steps=0, server_optimizer="average", drift_correction="none", moves=0)
+"""The first design (FedAvg of local Adam epochs through a noisy tanh bottleneck), small."""
 
 
 def _records(n: int, seed: int = 0) -> np.ndarray:
@@ -245,7 +250,7 @@ def test_a_site_pins_the_encoder_and_the_embedding_scaling():
 
 
 @pytest.mark.parametrize(("policy", "plan_changes", "match"), [
-    ({"max_ae_rounds": 1}, {}, "autoencoder rounds=2 exceeds"),
+    ({"max_ae_rounds": 1}, {}, r"autoencoder training rounds \(candidates and moves\)=2 exceeds"),
     ({"max_embed_dim": 1}, {}, "embedding size=2 exceeds"),
     ({"max_ae_params": 10}, {}, "autoencoder parameters=.* exceeds"),
     ({"max_ae_epochs": 1}, {}, "local epochs=2 exceeds"),
@@ -259,6 +264,36 @@ def test_autoencoder_plans_outside_the_site_policy_are_refused(policy, plan_chan
     site = SitePolicy(**{"require_dp": False, **policy})
     with pytest.raises(SiteRefusal, match=match):
         plan.check_against(site, features=plan.features, prg=plan.prg)
+
+
+def test_more_local_steps_than_the_site_allows_are_refused():
+    plan = _plan(_coordinator(rounds=2, local_steps=40))
+    plan.check_against(SitePolicy(require_dp=False, max_ae_local_steps=40),
+                       features=plan.features, prg=plan.prg)
+    with pytest.raises(SiteRefusal, match="local steps per round=40 exceeds this site's limit 39"):
+        plan.check_against(SitePolicy(require_dp=False, max_ae_local_steps=39),
+                           features=plan.features, prg=plan.prg)
+
+
+def test_a_scaffold_anchor_other_than_the_last_rounds_weights_is_refused():
+    """The site's second gradient is measured only where it trained last round."""
+    coordinator = _coordinator(rounds=3, drift_correction="scaffold")
+    plan = _plan(coordinator)
+    p, d = coordinator.n_params, len(FEATURES)
+    scale = [np.zeros(d), np.ones(d)]
+    first, second = np.full(p, 0.1), np.full(p, 0.2)
+    session = SiteSession.from_json(SiteSession().to_json())
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    # Round 1: no control yet, so the anchor is not used and anything goes.
+    session.admit(plan, Phase.AE_TRAIN, [*scale, first, np.full(p, 9.0), np.zeros(p)], groups=1)
+    session = SiteSession.from_json(session.to_json())  # as the node's context keeps it
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor") as info:
+        session.admit(plan, Phase.AE_TRAIN, [*scale, second, first + 1e-9, np.ones(p)],
+                      groups=1)
+    assert info.value.code == "protocol"
+    session.admit(plan, Phase.AE_TRAIN, [*scale, second, first, np.ones(p)], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor"):  # round 2's weights now
+        session.admit(plan, Phase.AE_TRAIN, [*scale, second, first, np.ones(p)], groups=1)
 
 
 def test_a_malformed_autoencoder_plan_is_a_protocol_refusal():
@@ -412,3 +447,474 @@ def test_a_site_answers_a_training_round_with_weighted_weights_count_and_loss(tm
     from client.audit import COMPUTE_RECORD
 
     assert client.context.state.config_records[COMPUTE_RECORD]["cpu_seconds"] >= 0
+
+
+# --------------------------------------------------------------------------- the default recipe
+
+RECIPE = AESettings(hidden=(8,), embed_dim=2, category_dim=2, batch_size=32, local_steps=5,
+                    rounds=3, device="cpu", moves=0)
+"""The default recipe (Gumbel-softmax codes, local SGD + SCAFFOLD, server Adam), small."""
+
+
+def test_the_gumbel_softmax_bottleneck_anneals_and_embeds_on_the_simplex():
+    assert RECIPE.bottleneck == "gumbel_softmax" and RECIPE.control_variates
+    assert RECIPE.temperature(0) == pytest.approx(RECIPE.temperature_start)
+    assert RECIPE.temperature(RECIPE.rounds - 1) == pytest.approx(RECIPE.temperature_end)
+    assert RECIPE.temperature_start > RECIPE.temperature(1) > RECIPE.temperature_end
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(100))
+    z = embed(build_model(layout, RECIPE).get_flat(), x, layout=layout, settings=RECIPE)
+    assert z.shape == (100, 2) and np.all(z >= 0) and np.allclose(z.sum(axis=1), 1.0)
+    assert RECIPE.architecture()["bottleneck"] == "gumbel_softmax"
+    with pytest.raises(ConfigError, match="bottleneck"):
+        AESettings(bottleneck="vq")
+    with pytest.raises(ConfigError, match="drift_correction"):
+        AESettings(drift_correction="fednova")
+    # Names travel in the plan and come back; a number where a name belongs is refused.
+    assert AESettings.from_plan_json(RECIPE.plan_json(), device="cpu") == RECIPE
+    with pytest.raises(ValueError, match="server_optimizer"):
+        AESettings.from_plan_json(json.dumps({**json.loads(RECIPE.plan_json()),
+                                              "server_optimizer": 1}))
+
+
+def test_local_sgd_takes_the_planned_steps_and_returns_the_gradient_sum():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(300))
+    start = build_model(layout, RECIPE).get_flat()
+    runs = [local_train(start, x, layout=layout, settings=RECIPE, rng=np.random.default_rng(1))
+            for _ in range(2)]
+    assert np.array_equal(runs[0].params, runs[1].params)
+    assert runs[0].steps == 5 and runs[0].gradient_sum is not None
+    assert runs[0].gradient_sum.shape == start.shape and np.any(runs[0].gradient_sum != 0)
+    # A zero control means "none measured yet": the same training as without one.
+    zero = local_train(start, x, layout=layout, settings=RECIPE, rng=np.random.default_rng(1),
+                       anchor=start, control=np.zeros_like(start))
+    assert np.array_equal(zero.params, runs[0].params)
+    # With a control the site's own gradient at the anchor is swapped for it: c - c_i.
+    corrected = local_train(start, x, layout=layout, settings=RECIPE,
+                            rng=np.random.default_rng(1), anchor=start,
+                            control=np.full_like(start, 0.1))
+    assert not np.allclose(corrected.params, runs[0].params)
+    plain = local_train(start, x, layout=layout, rng=np.random.default_rng(1),
+                        settings=AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                               "drift_correction": "none"}))
+    assert plain.gradient_sum is None
+
+
+def test_clipping_bounds_each_local_step_whatever_the_gradient_scale():
+    layout = TabularLayout.from_features(FEATURES)
+    x = _x(_records(300))
+    start = build_model(layout, RECIPE).get_flat()
+    tiny = 1e-4
+    clipped = local_train(start, x, layout=layout, rng=np.random.default_rng(1),
+                          settings=AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                                 "drift_correction": "none",
+                                                 "clip_norm": tiny}))
+    # Plain SGD: each step moves the weights by at most lr * clip_norm.
+    moved = float(np.linalg.norm(clipped.params - start))
+    assert 0 < moved <= clipped.steps * RECIPE.lr * tiny * (1 + 1e-4)
+    with pytest.raises(ConfigError, match="clip_norm"):
+        AESettings(clip_norm=-1.0)
+
+
+def test_numeric_weight_scales_only_the_numeric_part_of_the_loss():
+    layout = TabularLayout.from_features(FEATURES)
+    x = torch.as_tensor(_x(_records(200)))
+    losses = []
+    for weight in (1.0, 2.0, 3.0):  # same seed: the same initial weights
+        model = build_model(layout, AESettings(**{**RECIPE.to_dict(), "hidden": (8,),
+                                                  "numeric_weight": weight}))
+        with torch.no_grad():
+            losses.append(float(model.loss(x.to(torch.float32))))
+    # Linear in the weight, and the numeric part is positive
+    assert losses[1] - losses[0] == pytest.approx(losses[2] - losses[1], rel=1e-4)
+    assert losses[1] > losses[0]
+    with pytest.raises(ConfigError, match="numeric_weight"):
+        AESettings(numeric_weight=0.0)
+
+
+def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructions():
+    assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=99,
+                        control_variates=True) == [(99,), (1,), (1,), (99,)]
+    assert len(reply_roles(Phase.AE_TRAIN, control_variates=True)) == 4
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    p = coordinator.n_params
+    _, arrays, _ = coordinator.instruction()
+    assert [a.shape for a in arrays] == coordinator.expected_instruction_shapes() == \
+        [(len(FEATURES),), (len(FEATURES),), (p,), (p,), (p,)]
+    assert not np.any(arrays[4])  # no control measured before the first round
+    first_round = arrays
+    sent = coordinator.weights.copy()
+    trained = sent + 1.0
+    coordinator.step([30 * trained, np.array([30.0]), np.array([6.0]), np.full(p, 3.0),
+                      np.array([20.0, 10.0]), np.array([4.0, 2.0])],
+                     server_round=2, num_sites=2)
+    # Server Adam's first step moves every weight by server_lr * 0.1 / (sqrt(0.01) + eps).
+    beta1, beta2, eps = (0.9, 0.99, 1e-3)
+    step = RECIPE.server_lr * (1 - beta1) / (np.sqrt(1 - beta2) + eps)
+    assert np.allclose(coordinator.weights - sent, step)
+    _, arrays, _ = coordinator.instruction()
+    assert np.array_equal(arrays[3], sent) and np.allclose(arrays[4], 0.1)
+    session = SiteSession()
+    plan = _plan(coordinator)
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    with pytest.raises(SiteRefusal, match="needs 5 arrays"):
+        session.admit(plan, Phase.AE_TRAIN, arrays[:3], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD arrays"):
+        session.admit(plan, Phase.AE_TRAIN, [*arrays[:4], np.zeros(p - 1)], groups=1)
+    with pytest.raises(SiteRefusal, match="SCAFFOLD anchor"):  # round 1 not trained here
+        session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
+    session.admit(plan, Phase.AE_TRAIN, first_round, groups=1)
+    session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
+
+
+def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    plan = _plan(coordinator)
+    client = _client(tmp_path)
+    moments, _, _ = client.fit([], _config(plan, "moments"))
+    coordinator.step(moments, server_round=1, num_sites=3)
+    _, arrays, _ = coordinator.instruction()
+    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    p = coordinator.n_params
+    assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,), (2,), (2,)] \
+        and reply[1][0] == 200.0
+    # Per code: the customers whose most likely code it is, and their loss sums.
+    assert reply[4].sum() == 200.0 and reply[5].sum() == pytest.approx(reply[2][0])
+    coordinator.step(reply, server_round=2, num_sites=1)
+    assert np.allclose(coordinator.control, reply[3] / 200.0)
+    assert coordinator.code_shares == [list(reply[4] / 200.0)]
+
+
+# --------------------------------------------------------------------------- dead-code splits
+
+SPLITTING = AESettings(hidden=(8,), embed_dim=3, category_dim=2, batch_size=32, local_steps=5,
+                       rounds=4, split_every=2, split_until=1.0, split_patience=1,
+                       device="cpu", moves=0)
+"""The default recipe with three codes, looking for dead codes every second round and
+splitting one at the first look it is dead at."""
+
+
+def test_a_split_code_takes_half_of_its_source_and_leaves_the_rest_alone():
+    layout = TabularLayout.from_features(FEATURES)
+    before = build_model(layout, SPLITTING)
+    after = build_model(layout, SPLITTING)
+    after.set_flat(split_code(before.get_flat(), layout=layout, settings=SPLITTING, dead=2,
+                              source=0, rng=np.random.default_rng(0)))
+    old_row, new_rows = before.encoder[-1].weight, after.encoder[-1].weight
+    # Opposite nudges: the two halves average to the source's row and column.
+    assert torch.allclose(new_rows[0] + new_rows[2], 2 * old_row[0], atol=1e-6)
+    assert not torch.allclose(new_rows[0], new_rows[2])
+    old_col, new_cols = before.decoder[0].weight, after.decoder[0].weight
+    assert torch.allclose(new_cols[:, 0] + new_cols[:, 2], 2 * old_col[:, 0], atol=1e-6)
+    assert not torch.allclose(new_cols[:, 0], new_cols[:, 2])
+    bias = after.encoder[-1].bias
+    assert bias[0].item() == bias[2].item() == pytest.approx(
+        before.encoder[-1].bias[0].item() - np.log(2.0), abs=1e-6)
+    # Code 1 and every other layer are untouched.
+    assert torch.equal(new_rows[1], old_row[1]) and torch.equal(new_cols[:, 1], old_col[:, 1])
+    for (name, a), b in zip(before.named_parameters(), after.parameters(), strict=True):
+        if name not in ("encoder.2.weight", "encoder.2.bias", "decoder.0.weight"):
+            assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="two different codes"):
+        split_code(before.get_flat(), layout=layout, settings=SPLITTING, dead=1, source=1,
+                   rng=np.random.default_rng(0))
+
+
+def _train_sums(coordinator: AEKMeansCoordinator, counts, losses) -> list[np.ndarray]:
+    p = coordinator.n_params
+    return [30 * coordinator.weights, np.array([30.0]), np.array([float(sum(losses))]),
+            np.full(p, 3.0), np.array(counts, dtype=float), np.array(losses, dtype=float)]
+
+
+def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=SPLITTING)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    # Training round 1 is no look (else code 0, the largest loss, would be split off) ...
+    coordinator.step(_train_sums(coordinator, [10, 0, 20], [9.0, 0.0, 6.0]), server_round=2,
+                     num_sites=2)
+    assert coordinator.code_splits == [] and np.any(coordinator.control)
+    # ... round 2 is: code 1 holds no customer, code 2 has the larger loss.
+    coordinator.step(_train_sums(coordinator, [12, 0, 18], [3.0, 0.0, 6.0]), server_round=3,
+                     num_sites=2)
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2,
+                                        "candidate": 0}]
+    # The next round starts from other weights than the gradients were measured at.
+    assert not np.any(coordinator.control)
+    assert coordinator.code_shares[-1] == [0.4, 0.0, 0.6]
+    # A share is a count of customers: one that does not add up to the customers is refused.
+    with pytest.raises(ProtocolError, match="impossible"):
+        coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]),
+                         server_round=4, num_sites=2)
+
+
+def test_a_code_is_split_only_after_patience_looks_dead_in_a_row():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "rounds": 6, "split_every": 1,
+                       "split_patience": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    # dead, back, dead, dead: only the second death in a row splits it.
+    for server_round, counts in enumerate(([12, 0, 18], [11, 1, 18], [12, 0, 18],
+                                           [12, 0, 18]), start=2):
+        coordinator.step(_train_sums(coordinator, counts, [3.0, 0.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+        assert len(coordinator.code_splits) == (server_round == 5)
+    assert coordinator.code_splits == [{"round": 4, "dead": 1, "source": 2,
+                                        "candidate": 0}]
+
+
+def test_mean_loss_splits_the_code_that_reconstructs_its_customers_worst():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "split_source": "mean_loss"})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    for server_round in (2, 3):  # code 0: the larger loss sum, code 2: the larger mean
+        coordinator.step(_train_sums(coordinator, [24, 0, 6], [12.0, 0.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.code_splits == [{"round": 2, "dead": 1, "source": 2,
+                                        "candidate": 0}]
+    with pytest.raises(ConfigError, match="split_source"):
+        AESettings(split_source="largest")
+
+
+def test_code_statistics_travel_only_with_the_gumbel_softmax_split():
+    assert reply_shapes(Phase.AE_TRAIN, n_centres=0, n_features=4, n_params=9,
+                        control_variates=True, code_statistics=3) == \
+        [(9,), (1,), (1,), (9,), (3,), (3,)]
+    assert not AESettings(split_share=0.0, moves=0).code_statistics
+    assert not AESettings(bottleneck="tanh", moves=0).code_statistics
+    shapes = [(9,), (1,), (1,), (9,), (3,), (3,)]
+    reply = [np.zeros(9), np.ones(1), np.ones(1), np.zeros(9), np.array([1.0, 0.0, 0.0]),
+             np.array([0.5, 0.0, 0.0])]
+    check_site_reply(reply, phase=Phase.AE_TRAIN, shapes=shapes)
+    with pytest.raises(ProtocolError, match=r"#4 \(counts\).*whole"):
+        check_site_reply([*reply[:4], np.array([0.5, 0.5, 0.0]), reply[5]],
+                         phase=Phase.AE_TRAIN, shapes=shapes)
+    with pytest.raises(ProtocolError, match=r"#5 .*negative"):
+        check_site_reply([*reply[:5], np.array([-0.5, 0.0, 0.0])], phase=Phase.AE_TRAIN,
+                         shapes=shapes)
+
+
+# --------------------------------------------------------------------------- candidates
+
+def test_each_candidate_restarts_the_temperature_from_its_own_initial_weights():
+    ae = AESettings(rounds=4, candidates=3, seed=7, moves=0)
+    assert ae.training_rounds == 12
+    assert [ae.temperature(r) for r in (0, 4, 8)] == [ae.temperature_start] * 3
+    assert ae.temperature(7) == pytest.approx(ae.temperature_end)
+    assert ae.temperature(5) == pytest.approx(ae.temperature(1))
+    seeds = [ae.candidate_seed(c) for c in range(3)]
+    assert seeds[0] == 7 and len(set(seeds)) == 3
+    with pytest.raises(ConfigError, match="candidates=0"):
+        AESettings(candidates=0)
+
+
+def _candidate_round(coordinator: AEKMeansCoordinator, loss: float, server_round: int,
+                     value: float) -> None:
+    p = coordinator.n_params
+    coordinator.step([np.full(p, 30.0 * value), np.array([30.0]), np.array([30.0 * loss])],
+                     server_round=server_round, num_sites=2)
+
+
+@pytest.mark.parametrize(("losses", "chosen"), [((0.9, 0.5, 0.7), 1), ((0.4, 0.5, 0.6), 0),
+                                                ((0.9, 0.8, 0.7), 2)])
+def test_the_candidate_with_the_lowest_released_last_round_loss_is_kept(losses, chosen):
+    coordinator = _coordinator(rounds=2, candidates=3)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    starts = []
+    server_round = 1
+    for c, loss in enumerate(losses):
+        starts.append(coordinator.weights.copy())
+        # Each candidate's first round reports a loss lower than every last round: only the
+        # last round's counts. Sites send weights c + 1 (FedAvg: the new global weights).
+        for first, value in ((True, 0.01), (False, loss)):
+            server_round += 1
+            assert coordinator.phase is Phase.AE_TRAIN
+            _candidate_round(coordinator, value, server_round, float(c + 1 + 10 * first))
+    assert coordinator.phase is Phase.EMBED
+    assert coordinator.candidate_losses == pytest.approx(list(losses))
+    assert coordinator.chosen_candidate == chosen
+    assert np.allclose(coordinator.weights, chosen + 1.0)
+    # Every candidate started from its own seeded weights, the first from the run's seed.
+    assert np.array_equal(starts[0], build_model(coordinator.layout, coordinator.ae).get_flat())
+    assert not np.allclose(starts[1], starts[0]) and not np.allclose(starts[2], starts[1])
+    assert coordinator.ae_rounds == 6 and len(coordinator.ae_loss) == 6
+
+
+def test_a_new_candidate_starts_without_the_last_ones_control_or_server_moments():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "hidden": (8,), "rounds": 2, "candidates": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    coordinator.step(_train_sums(coordinator, [10, 10, 10], [3.0, 3.0, 3.0]), server_round=2,
+                     num_sites=2)
+    assert np.any(coordinator.control)
+    coordinator.step(_train_sums(coordinator, [10, 10, 10], [3.0, 3.0, 3.0]), server_round=3,
+                     num_sites=2)
+    assert coordinator.phase is Phase.AE_TRAIN and coordinator.candidate == 1
+    assert not np.any(coordinator.control)
+    assert np.array_equal(coordinator.anchor, coordinator.weights)
+    name, arrays, _ = coordinator.instruction()
+    assert name == "ae_train" and not np.any(arrays[4])
+
+
+def test_a_site_admits_rounds_times_candidates_training_rounds_and_no_more():
+    coordinator = _coordinator(rounds=2, candidates=2)
+    plan = _plan(coordinator)
+    p, d = coordinator.n_params, len(FEATURES)
+    base = [np.zeros(d), np.ones(d), np.zeros(p)]
+    session = SiteSession()
+    session.admit(plan, Phase.MOMENTS, [], groups=1)
+    for _ in range(4):
+        session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    with pytest.raises(SiteRefusal, match="not allowed"):
+        session.admit(plan, Phase.AE_TRAIN, base, groups=1)
+    with pytest.raises(SiteRefusal, match=r"training rounds \(candidates and moves\)=4 exceeds"):
+        plan.check_against(SitePolicy(require_dp=False, max_ae_rounds=3),
+                           features=plan.features, prg=plan.prg)
+
+
+def test_code_reconstructions_are_the_decoded_pure_codes_on_the_loss_scales():
+    layout = TabularLayout.from_features(FEATURES)
+    params = build_model(layout, SPLITTING).get_flat()
+    recon = code_reconstructions(params, layout=layout, settings=SPLITTING)
+    model = build_model(layout, SPLITTING)
+    out = model.decoder(torch.eye(3)).detach().double().numpy()
+    assert recon.shape == (3, 2 + 1 + 3)
+    assert np.allclose(recon[:, :2], out[:, :2])  # numbers as decoded (numeric_weight 1)
+    assert np.allclose(recon[:, 2], 1 / (1 + np.exp(-out[:, 2])))  # flag probability
+    assert np.allclose(recon[:, 3:].sum(axis=1), 1.0)  # category probabilities
+    halved = AESettings(**{**SPLITTING.to_dict(), "numeric_weight": 0.25})
+    assert np.allclose(code_reconstructions(params, layout=layout, settings=halved)[:, :2],
+                       0.5 * out[:, :2])
+
+
+def _moving(moves: int = 2) -> AEKMeansCoordinator:
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    ae = AESettings(**{**SPLITTING.to_dict(), "rounds": 2, "split_until": 0.0,
+                       "moves": moves, "move_rounds": 2})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    return coordinator
+
+
+def _train_and_settle(coordinator: AEKMeansCoordinator) -> np.ndarray:
+    """The candidate's 2 rounds, then its 2 settling rounds (loss 18 / 30 = 0.6 each)."""
+    for server_round in (2, 3):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    trained = coordinator.weights.copy()
+    assert coordinator._move == {"round": 2, "settle": True}  # no move yet
+    for server_round in (4, 5):
+        assert np.array_equal(coordinator.weights, trained)  # server Adam keeps them
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [8.0, 4.0, 6.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.settled_loss == pytest.approx(0.6)
+    return trained
+
+
+def test_a_merge_and_split_move_empties_the_smaller_of_the_closest_pair_into_another_code():
+    coordinator = _moving()
+    trained = _train_and_settle(coordinator)
+    recon = code_reconstructions(trained, layout=coordinator.layout, settings=coordinator.ae)
+    distance = {(i, j): np.sum((recon[i] - recon[j]) ** 2) for i, j in ((0, 1), (0, 2), (1, 2))}
+    i, j = min(distance, key=distance.__getitem__)
+    emptied = (i, j)[int([16, 8, 6][j] < [16, 8, 6][i])]
+    # With three codes the code split is the one outside the pair.
+    assert coordinator._move == {"round": 4, "merged": [i, j], "emptied": emptied,
+                                 "source": ({0, 1, 2} - {i, j}).pop()}
+    assert coordinator.phase is Phase.AE_TRAIN and not np.array_equal(coordinator.weights,
+                                                                      trained)
+    name, arrays, _ = coordinator.instruction()
+    assert name == "ae_train" and not np.any(arrays[4])  # no SCAFFOLD control across a move
+    assert coordinator.ae.temperature(coordinator.ae_rounds) == coordinator.ae.temperature_end
+
+
+def test_a_move_is_kept_only_if_its_released_loss_is_lower():
+    coordinator = _moving()
+    trained = _train_and_settle(coordinator)
+    first_move = coordinator._move
+    # Move 1 ends at loss 0.7 (its first round's loss does not count): rejected, so move 2
+    # starts from the settled model again, with the next closest pair.
+    for server_round, loss in ((6, 0.1), (7, 21.0)):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.move_log[0]["kept"] is False
+    assert coordinator._move["merged"] != first_move["merged"]
+    # Move 2 ends at 0.5 < 0.6: kept, and its weights are the ones embedded.
+    moved = coordinator.weights.copy()  # the sites send it back: server Adam keeps it
+    for server_round, loss in ((8, 30.0), (9, 15.0)):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert [m["kept"] for m in coordinator.move_log] == [False, True]
+    assert coordinator.move_log[1]["loss"] == pytest.approx(0.5)
+    assert coordinator.phase is Phase.EMBED
+    assert np.array_equal(coordinator.weights, moved)
+    assert not np.array_equal(coordinator.weights, trained)
+    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 8
+    # The model file reports the embedded model's loss, not the last round's (move 2's too).
+    assert coordinator.final_loss == pytest.approx(0.5) == coordinator.ae_loss[-1]
+
+
+def test_when_every_move_loses_the_settled_model_is_embedded():
+    coordinator = _moving(moves=1)
+    trained = _train_and_settle(coordinator)
+    for server_round in (6, 7):
+        coordinator.step(_train_sums(coordinator, [16, 8, 6], [18.0, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)  # equal loss: not lower
+    assert coordinator.phase is Phase.EMBED
+    assert np.array_equal(coordinator.weights, trained)
+    assert coordinator.ae_rounds == coordinator.ae.training_rounds == 6
+    assert coordinator.final_loss == pytest.approx(0.6)
+    with pytest.raises(ConfigError, match=r"moves=1 needs .*split_share=0\.0.*moves=0"):
+        AESettings(moves=1, split_share=0.0)
+    with pytest.raises(ConfigError, match=r"moves=3 needs .*bottleneck=tanh.*moves=0"):
+        AESettings(bottleneck="tanh")
+    with pytest.raises(ConfigError, match="move_rounds=0 >= 1"):
+        AESettings(move_rounds=0)
+    with pytest.raises(ConfigError, match=r"moves=3 needs embed_dim >= 3.*embed_dim=2"):
+        AESettings(embed_dim=2)
+
+
+def test_the_model_reports_the_embedded_models_loss_not_a_rejected_moves():
+    coordinator = _moving(moves=1)
+    _train_and_settle(coordinator)
+    for server_round, loss in ((6, 18.0), (7, 21.0)):
+        coordinator.step(_train_sums(coordinator, [20, 4, 6], [loss, 0.0, 0.0]),
+                         server_round=server_round, num_sites=2)
+    assert coordinator.move_log[0]["kept"] is False and coordinator.phase is Phase.EMBED
+    assert coordinator.ae_loss[-1] == pytest.approx(0.7)  # the rejected move's last round
+    assert coordinator.final_loss == pytest.approx(0.6)  # the settled model, embedded
+    assert coordinator.final_code_shares == pytest.approx([16 / 30, 8 / 30, 6 / 30])
+
+
+def test_the_default_recipe_with_its_moves_fits_the_default_site_policy():
+    """A site with conf/site/default.yaml admits ``model=ae_kmeans`` as configured by default."""
+    ae = AESettings()
+    assert ae.moves == 3
+    assert ae.training_rounds == ae.rounds + (ae.moves + 1) * ae.move_rounds == 520
+    assert ae.training_rounds <= SitePolicy().max_ae_rounds
+    site_yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/site/default.yaml")
+    assert ae.training_rounds <= int(site_yaml.max_ae_rounds)
+
+
+def test_the_central_reference_runs_the_same_protocol_on_the_pooled_data_deterministically():
+    from simulations.datasets import MixedCustomers
+    from simulations.run import central_ae_kmeans
+
+    population = MixedCustomers(num_customers=800).load(seed=0)
+    ae = AESettings(hidden=(8,), embed_dim=4, category_dim=2, batch_size=32, local_steps=5,
+                    rounds=4, split_every=2, moves=1, move_rounds=2, device="cpu", seed=0)
+    settings = KMeansSettings(k=4, n_init=1, init_rounds=1, init_candidates=8, max_rounds=5,
+                              seed=0)
+    first = central_ae_kmeans(population, ae, settings=settings, device="cpu")
+    again = central_ae_kmeans(population, ae, settings=settings, device="cpu")
+    assert first.labels.shape == (population.raw.shape[0],)
+    assert set(np.unique(first.labels)) <= set(range(4)) and len(np.unique(first.labels)) >= 2
+    assert np.array_equal(first.labels, again.labels) and first.loss == again.loss
+    assert np.isfinite(first.loss) and first.loss > 0

@@ -76,6 +76,30 @@ def test_numeric_values_lie_within_declared_bounds() -> None:
     assert all(bounds[f.name] == (0.0, 1.0) for f in mixed_features() if f.kind != "numeric")
 
 
+def test_broad_segments_spread_their_tastes_and_differ_by_numbers() -> None:
+    # Prepare / Execute
+    table = generate_mixed_customers(num_customers=20_000, num_regions=6, seed=2)
+    broad = [i for i, s in enumerate(MIXED_SEGMENTS) if s.breadth > 0]
+    peaked = [i for i, s in enumerate(MIXED_SEGMENTS) if s.breadth == 0]
+
+    def top_share(seg: int, j: int) -> float:  # share of the segment's most common value
+        return float(np.bincount(table.categories[table.segment == seg, j]).max()
+                     / np.sum(table.segment == seg))
+
+    # Assert: >= 2 broad segments; on the segment categoricals (channel .. delivery) each is
+    # flatter than every peaked one, and its behaviour-flag rates stay near the middle
+    assert len(broad) >= 2 and len(peaked) >= 3
+    for j in range(4):
+        assert max(top_share(b, j) for b in broad) < min(top_share(p, j) for p in peaked)
+    behaviour = table.flags[:, -8:]
+    for b in broad:
+        rates = behaviour[table.segment == b].mean(axis=0)
+        assert np.all((rates > 0.3) & (rates < 0.65))
+    # ... and the broad segments differ by numbers: their median baskets lie apart
+    basket = [np.median(table.numeric[table.segment == b, 3]) for b in broad]
+    assert max(basket) > 2.5 * min(basket)
+
+
 def test_regions_are_non_iid_and_unequal() -> None:
     # Prepare / Execute
     table = generate_mixed_customers(num_customers=6_000, num_regions=6, seed=1)
