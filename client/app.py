@@ -191,7 +191,12 @@ def ae_site_statistics(
         if trained.gradient_sum is not None:  # SCAFFOLD: sum over customers of gradients
             reply.append(trained.gradient_sum)
         if trained.code_counts is not None and trained.code_loss_sums is not None:
-            reply += [trained.code_counts, trained.code_loss_sums]  # dead-code split
+            # Per-code counts and loss sums only in the rounds whose statistics the server's
+            # rules read (this site's own count decides); zeros of the same shapes otherwise.
+            if settings.code_statistics_released(train_round + 1):
+                reply += [trained.code_counts, trained.code_loss_sums]
+            else:
+                reply += [np.zeros(m), np.zeros(m)]
         n_centres = 0
     else:
         z = embed(weights, x, layout=layout, settings=settings)

@@ -344,6 +344,27 @@ class AESettings:
         return self.candidate_rounds + (moves + 1) * int(self.move_rounds) if moves else \
             self.candidate_rounds
 
+    def code_statistics_released(self, done_rounds: int) -> bool:
+        """Whether the training round that completes ``done_rounds`` rounds releases code sums.
+
+        ``done_rounds`` counts the run's ``ae_train`` rounds, this one included (1-based). Only
+        the rounds whose per-code counts and loss sums the server's rules read release them: a
+        dead-code look (:meth:`split_round`, before a candidate's last round), a candidate's
+        last round when moves follow (the kept model's statistics choose the first move), and
+        the last round of the settling and of each move. A site decides it from the plan and
+        its own count of training rounds and sends zeros of the same shapes in every other
+        round (the default plan: 15 of 520 rounds instead of all).
+        """
+        if not self.code_statistics:
+            return False
+        done = int(done_rounds)
+        if done > self.candidate_rounds:
+            return (done - self.candidate_rounds) % int(self.move_rounds) == 0
+        within = (done - 1) % int(self.rounds) + 1
+        if within == int(self.rounds):
+            return bool(int(self.moves))
+        return self.split_round(within)
+
     def candidate_seed(self, candidate: int) -> int:
         """Seed of candidate ``candidate``'s initial weights (candidate 0: ``seed`` itself)."""
         if candidate == 0:

@@ -231,8 +231,10 @@ class AEKMeansCoordinator(CoordinatorViews):
         """
         weighted, count, loss = (np.asarray(a, dtype=np.float64) for a in sums[:3])
         gradient = np.asarray(sums[3], dtype=np.float64) if self.ae.control_variates else None
+        # The sites release per-code sums only in the rounds that use them (zeros otherwise).
+        released = self.ae.code_statistics_released(self.ae_rounds + 1)
         code_counts, code_loss = ((np.asarray(a, dtype=np.float64) for a in sums[-2:])
-                                  if self.ae.code_statistics else (None, None))
+                                  if released else (None, None))
         tol = num_sites * 2.0**-20
         where = f"round {server_round} (ae_train)"
         n = float(count[0])

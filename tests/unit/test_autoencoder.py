@@ -570,6 +570,33 @@ def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructio
     session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
 
 
+def test_a_site_releases_code_sums_only_in_the_rounds_that_use_them(tmp_path):
+    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    plan = _plan(coordinator)
+    client = _client(tmp_path)
+    moments, _, _ = client.fit([], _config(plan, "moments"))
+    coordinator.step(moments, server_round=1, num_sites=3)
+    assert not RECIPE.code_statistics_released(1)  # no look in round 1, no move
+    _, arrays, _ = coordinator.instruction()
+    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    assert reply[1][0] == 200.0 and reply[2][0] > 0  # the count and the loss sum travel
+    assert [a.shape for a in reply[4:]] == [(2,), (2,)] and not np.any(reply[4:])
+    # A plan that looks for dead codes in round 1 gets them there: per code, the customers
+    # whose most likely code it is, and their loss sums.
+    looking = AESettings(**{**RECIPE.to_dict(), "split_every": 1, "split_until": 1.0})
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=looking)
+    plan = _plan(coordinator)
+    client = _client(tmp_path / "looking")
+    moments, _, _ = client.fit([], _config(plan, "moments"))
+    coordinator.step(moments, server_round=1, num_sites=3)
+    _, arrays, _ = coordinator.instruction()
+    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    assert reply[4].sum() == 200.0 and reply[5].sum() == pytest.approx(reply[2][0])
+    coordinator.step(reply, server_round=2, num_sites=1)
+    assert coordinator.code_shares == [list(reply[4] / 200.0)]
+
+
 def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
     settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
     coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
@@ -582,11 +609,8 @@ def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
     p = coordinator.n_params
     assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,), (2,), (2,)] \
         and reply[1][0] == 200.0
-    # Per code: the customers whose most likely code it is, and their loss sums.
-    assert reply[4].sum() == 200.0 and reply[5].sum() == pytest.approx(reply[2][0])
     coordinator.step(reply, server_round=2, num_sites=1)
     assert np.allclose(coordinator.control, reply[3] / 200.0)
-    assert coordinator.code_shares == [list(reply[4] / 200.0)]
 
 
 # --------------------------------------------------------------------------- dead-code splits
@@ -646,10 +670,31 @@ def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss()
     # The next round starts from other weights than the gradients were measured at.
     assert not np.any(coordinator.control)
     assert coordinator.code_shares[-1] == [0.4, 0.0, 0.6]
-    # A share is a count of customers: one that does not add up to the customers is refused.
+
+
+def test_code_sums_are_read_only_in_the_rounds_that_release_them():
+    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=SPLITTING)
+    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    # Round 1 releases none (not a look): whatever arrives there is not read.
+    coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]), server_round=2,
+                     num_sites=2)
+    assert coordinator.code_shares == [] and coordinator.code_splits == []
+    # Round 2 is a look: a share is a count of customers, one that does not add up is refused.
     with pytest.raises(ProtocolError, match="impossible"):
         coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]),
-                         server_round=4, num_sites=2)
+                         server_round=3, num_sites=2)
+
+
+def test_the_default_plan_releases_code_sums_in_15_of_its_520_rounds():
+    ae = AESettings()
+    released = [r for r in range(1, ae.training_rounds + 1) if ae.code_statistics_released(r)]
+    looks = list(range(10, 101, 10))  # every 10 rounds in the first half
+    assert released == [*looks, 200, 280, 360, 440, 520]
+    assert not any(AESettings(split_share=0.0, moves=0).code_statistics_released(r)
+                   for r in range(1, 201))
+    no_moves = AESettings(moves=0)
+    assert [r for r in range(1, 201) if no_moves.code_statistics_released(r)] == looks
 
 
 def test_a_code_is_split_only_after_patience_looks_dead_in_a_row():
