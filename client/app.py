@@ -387,6 +387,8 @@ class SiteClient(NumPyClient):
                               "encoding checks are based on; raise it in the site's policy.")
         session = self._session()
         done = dict(session.counts)
+        if not done and self.files is not None:
+            self._check_rounds_left_today(plan)
         session.admit(plan, phase, [np.asarray(a) for a in parameters], groups=groups)
         if plan.dp:
             self._check_budget(plan, done)
@@ -396,6 +398,22 @@ class SiteClient(NumPyClient):
             {"session": session.to_json()})
         self._done_before = done
         return phase, groups
+
+    def _check_rounds_left_today(self, plan: RunPlan) -> None:
+        """At a run's first request: refuse a run that cannot finish within today's rounds.
+
+        ``site.max_rounds_per_day`` counts every round answered in the last 24 hours; a run
+        whose plan allows more rounds than are left would be refused part-way, after work the
+        federation then throws away, so it is refused before anything is computed.
+        """
+        assert self.files is not None
+        limit = self.policy.max_rounds_per_day
+        left = limit - self.files.rounds_in_last_day()
+        if plan.max_total_rounds > left:
+            raise SiteRefusal("budget", f"this run plans up to {plan.max_total_rounds} rounds; "
+                              f"{max(0, left)} of this site's {limit} a day "
+                              "(site.max_rounds_per_day) are left in the last 24 hours. Run "
+                              "it later, with fewer rounds, or raise the site's limit.")
 
     def _check_budget(self, plan: RunPlan, done: dict[str, int]) -> list[float]:
         """Refuse unless the ledger plus every round this run still plans fits the budget.

@@ -173,14 +173,8 @@ class SiteFiles:
         return AuditChain(self.audit_log, head_store=self.head_store,
                           name=audit_head_name(self.audit_log)).append(entry)
 
-    def admit_round(self, *, max_per_day: int, now: float | None = None) -> int:
-        """Count one more answered round, refusing when ``max_per_day`` are already spent.
-
-        Returns
-        -------
-        int
-            Rounds answered in the last 24 hours, this one included.
-        """
+    def rounds_in_last_day(self, *, now: float | None = None) -> int:
+        """Count the rounds this site answered in the 24 hours before ``now`` (its ledger)."""
         now = time.time() if now is None else now
         recent = 0
         if self.ledger.is_file():
@@ -190,6 +184,18 @@ class SiteFiles:
                         recent += 1
                 except ValueError:
                     continue  # a torn line from a crash counts as nothing, never as a crash
+        return recent
+
+    def admit_round(self, *, max_per_day: int, now: float | None = None) -> int:
+        """Count one more answered round, refusing when ``max_per_day`` are already spent.
+
+        Returns
+        -------
+        int
+            Rounds answered in the last 24 hours, this one included.
+        """
+        now = time.time() if now is None else now
+        recent = self.rounds_in_last_day(now=now)
         if recent >= max_per_day:
             raise SiteRefusal("budget", f"{recent} rounds answered in the last 24 hours; the "
                               f"site policy allows {max_per_day} (site.max_rounds_per_day).")

@@ -353,6 +353,17 @@ class RunPlan:
             raise SiteRefusal("protocol", f"malformed autoencoder plan ({exc}).") from exc
         return settings, n_params
 
+    def phase_caps(self) -> dict[Phase, int]:
+        """Most requests of each phase this plan allows a site to answer."""
+        ae_rounds = self.ae_settings()[0].training_rounds if self.ae else 0
+        return {Phase.MOMENTS: 1, Phase.AE_TRAIN: ae_rounds, Phase.EMBED: 1 if self.ae else 0,
+                Phase.INIT: self.init_rounds, Phase.LLOYD: self.max_rounds, Phase.PROFILE: 1}
+
+    @property
+    def max_total_rounds(self) -> int:
+        """Most rounds a site answers in this run (every phase at its cap)."""
+        return sum(self.phase_caps().values())
+
     @property
     def embed_dim(self) -> int:
         """Dimension the clusters live in: the embedding (``ae_kmeans``) or 0 (features)."""
@@ -494,9 +505,7 @@ class SiteSession:
         (it then answers fewer requests, never more): what bounds the server is the count of
         each phase, the order, and one profile round.
         """
-        ae_rounds = plan.ae_settings()[0].training_rounds if plan.ae else 0
-        caps = {Phase.MOMENTS: 1, Phase.AE_TRAIN: ae_rounds, Phase.EMBED: 1 if plan.ae else 0,
-                Phase.INIT: plan.init_rounds, Phase.LLOYD: plan.max_rounds, Phase.PROFILE: 1}
+        caps = plan.phase_caps()
         if plan.ae and not done[Phase.EMBED]:
             # The clusters live in the embedding: no cluster round before it is pinned.
             caps.update({Phase.INIT: 0, Phase.LLOYD: 0, Phase.PROFILE: 0})

@@ -401,7 +401,7 @@ def test_centres_follow_the_segment_they_were_merged_into():
 
 # --------------------------------------------------------------------------- the site client
 
-def _client(tmp_path: Path):  # type: ignore[no-untyped-def]
+def _client(tmp_path: Path, **policy):  # type: ignore[no-untyped-def]
     from flwr.app import Context, RecordDict
 
     from client.app import SiteClient
@@ -410,7 +410,8 @@ def _client(tmp_path: Path):  # type: ignore[no-untyped-def]
     context = Context(run_id=3, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})
     site = SiteData(raw=_records(200), features=FEATURES)
-    return SiteClient(site, context, policy=SitePolicy(require_dp=False, mechanism="none"),
+    return SiteClient(site, context,
+                      policy=SitePolicy(**{"require_dp": False, "mechanism": "none", **policy}),
                       site_root=tmp_path)
 
 
@@ -427,6 +428,44 @@ def test_a_site_checks_the_announced_model_size_against_its_own_features(tmp_pat
     with pytest.raises(SiteRefusal, match="this site's features give") as info:
         _client(tmp_path).admit(_config(lying, "moments"), [])
     assert info.value.code == "protocol"
+
+
+def test_a_run_that_cannot_finish_within_todays_rounds_is_refused_before_it_starts(tmp_path):
+    plan = _plan(_coordinator(rounds=2))
+    planned = 1 + 2 + 1 + 1 + 3 + 1  # moments, training, embed, init, Lloyd, profile
+    assert plan.max_total_rounds == planned
+    refused = _client(tmp_path / "a", max_rounds_per_day=planned - 1)
+    with pytest.raises(SiteRefusal, match=rf"plans up to {planned} rounds; {planned - 1} of "
+                       rf"this site's {planned - 1} a day") as info:
+        refused.admit(_config(plan, "moments"), [])
+    assert info.value.code == "budget"
+    assert refused.files is not None and refused.files.rounds_in_last_day() == 0
+    # With room for the whole run it starts, and each answered round counts against the day.
+    client = _client(tmp_path / "b", max_rounds_per_day=planned + 2)
+    client.admit(_config(plan, "moments"), [])
+    assert client.files is not None and client.files.rounds_in_last_day() == 1
+    for _ in range(planned - 1):  # the run answers all its rounds
+        client.files.admit_round(max_per_day=planned + 2)
+    # A second run the same day (a fresh session) would need ``planned`` more; 2 are left.
+    again = _client(tmp_path / "b", max_rounds_per_day=planned + 2)
+    with pytest.raises(SiteRefusal, match=r"plans up to 9 rounds; 2 of this site's 11"):
+        again.admit(_config(plan, "moments"), [])
+    assert again.files is not None and again.files.rounds_in_last_day() == planned
+
+
+def test_the_round_ledger_refuses_the_round_after_the_daily_limit(tmp_path):
+    from client.site_files import DAY_SECONDS
+
+    files = _client(tmp_path, max_rounds_per_day=3).files
+    assert files is not None
+    now = 1_000_000.0
+    files.admit_round(max_per_day=3, now=now - DAY_SECONDS - 1)  # older than a day
+    assert [files.admit_round(max_per_day=3, now=now + i) for i in range(3)] == [1, 2, 3]
+    with pytest.raises(SiteRefusal, match="3 rounds answered in the last 24 hours") as info:
+        files.admit_round(max_per_day=3, now=now + 3)
+    assert info.value.code == "budget"
+    files.ledger.write_text(files.ledger.read_text() + "torn-li")  # a crash mid-line
+    assert files.rounds_in_last_day(now=now + 4) == 3
 
 
 def test_a_site_answers_a_training_round_with_weighted_weights_count_and_loss(tmp_path):
