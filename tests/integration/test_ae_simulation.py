@@ -127,6 +127,46 @@ def test_a_server_that_swaps_the_encoder_after_the_embedding_is_refused(make_cfg
                    if e["round"] == str(init_round))
 
 
+class AnchorPickingCoordinator(AEKMeansCoordinator):
+    """Honest but for SCAFFOLD's anchor: asks each site for its gradient at a point it picks.
+
+    The site's second gradient pass would then release ``sum(n_i * grad L_i(anchor))`` at
+    weights the server chose freely -- one more probe of the customers every round.
+    """
+
+    def instruction(self):  # type: ignore[no-untyped-def]
+        name, arrays, groups = super().instruction()
+        if self.phase is Phase.AE_TRAIN and np.any(arrays[4]):
+            arrays = [*arrays[:3], arrays[3] + 0.5, arrays[4]]
+        return name, arrays, groups
+
+
+def test_a_server_that_picks_the_scaffold_anchor_is_refused(make_cfg, tmp_path):
+    cfg = make_cfg(*AE)
+    from server.plan import plan_from_config
+
+    population, parts = build_sites(cfg)
+    plan = plan_from_config(cfg, features=population.features, num_sites=len(parts))
+    assert plan.ae is not None and plan.ae.control_variates
+
+    def factory() -> AEKMeansCoordinator:
+        return AnchorPickingCoordinator(settings=plan.settings, features=plan.features,
+                                        ae=plan.ae)
+
+    with pytest.raises(ProtocolError) as info:
+        run(cfg, output_dir=tmp_path, coordinator_factory=factory)
+    # Round 2 (the first training round) has no control yet; round 3 carries the picked anchor.
+    assert "round 3 (ae_train) produced no aggregate" in str(info.value)
+    assert "fedseg-site-error protocol" in str(info.value)
+    assert not (tmp_path / "segments.json").exists()
+    logs = [p.read_text() for p in (tmp_path / "site-logs").glob("site-*.log")]
+    assert logs and all("SCAFFOLD anchor is not the weights" in log for log in logs)
+    entries = [json.loads(line) for f in sorted((tmp_path / "audit").glob("site-*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert not any("masked_parameters" in json.dumps(e["configs"]) for e in entries
+                   if e["round"] == "3")
+
+
 def test_the_autoencoder_is_refused_with_dp_before_anything_starts(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="not differentially private yet"):
         run(make_cfg(*AE, "privacy=secagg_dp"), output_dir=tmp_path)
