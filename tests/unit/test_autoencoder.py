@@ -117,13 +117,19 @@ def test_the_flat_vector_round_trips_and_refuses_another_length():
         model.set_flat(np.full_like(flat, np.nan))
 
 
-def test_local_training_is_deterministic_on_cpu_and_lowers_the_loss():
+def _trained_twice(settings: AESettings, records: int, seed: int):  # type: ignore[no-untyped-def]
+    """Two local trainings from the same start, data and seed (and the start, data, layout)."""
     layout = TabularLayout.from_features(FEATURES)
-    x = _x(_records(400))
-    start = build_model(layout, SMALL).get_flat()
-    runs = [local_train(start, x, layout=layout, settings=SMALL, rng=np.random.default_rng(3))
-            for _ in range(2)]
-    assert np.array_equal(runs[0].params, runs[1].params)
+    x = _x(_records(records))
+    start = build_model(layout, settings).get_flat()
+    runs = [local_train(start, x, layout=layout, settings=settings,
+                        rng=np.random.default_rng(seed)) for _ in range(2)]
+    assert np.array_equal(runs[0].params, runs[1].params)  # deterministic on CPU
+    return start, x, layout, runs
+
+
+def test_local_training_is_deterministic_on_cpu_and_lowers_the_loss():
+    start, x, layout, runs = _trained_twice(SMALL, 400, 3)
     assert runs[0].n_records == 400 and runs[0].steps == 2 * 13
     params = start
     losses = []
@@ -517,12 +523,7 @@ def test_the_gumbel_softmax_bottleneck_anneals_and_embeds_on_the_simplex():
 
 
 def test_local_sgd_takes_the_planned_steps_and_returns_the_gradient_sum():
-    layout = TabularLayout.from_features(FEATURES)
-    x = _x(_records(300))
-    start = build_model(layout, RECIPE).get_flat()
-    runs = [local_train(start, x, layout=layout, settings=RECIPE, rng=np.random.default_rng(1))
-            for _ in range(2)]
-    assert np.array_equal(runs[0].params, runs[1].params)
+    start, x, layout, runs = _trained_twice(RECIPE, 300, 1)
     assert runs[0].steps == 5 and runs[0].gradient_sum is not None
     assert runs[0].gradient_sum.shape == start.shape and np.any(runs[0].gradient_sum != 0)
     # A zero control means "none measured yet": the same training as without one.
