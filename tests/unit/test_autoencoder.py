@@ -610,42 +610,35 @@ def test_scaffold_adds_the_gradient_sum_to_replies_and_the_control_to_instructio
     session.admit(plan, Phase.AE_TRAIN, arrays, groups=1)
 
 
-def test_a_site_releases_code_sums_only_in_the_rounds_that_use_them(tmp_path):
+def _first_training_reply(ae: AESettings, site_root: Path):  # type: ignore[no-untyped-def]
+    """A real site's (200 customers) reply to the first ``ae_train`` request of ``ae``'s plan."""
     settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
-    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
+    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=ae)
     plan = _plan(coordinator)
-    client = _client(tmp_path)
+    client = _client(site_root)
     moments, _, _ = client.fit([], _config(plan, "moments"))
     coordinator.step(moments, server_round=1, num_sites=3)
-    assert not RECIPE.code_statistics_released(1)  # no look in round 1, no move
     _, arrays, _ = coordinator.instruction()
     reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    return coordinator, reply
+
+
+def test_a_site_releases_code_sums_only_in_the_rounds_that_use_them(tmp_path):
+    assert not RECIPE.code_statistics_released(1)  # no look in round 1, no move
+    _, reply = _first_training_reply(RECIPE, tmp_path)
     assert reply[1][0] == 200.0 and reply[2][0] > 0  # the count and the loss sum travel
     assert [a.shape for a in reply[4:]] == [(2,), (2,)] and not np.any(reply[4:])
     # A plan that looks for dead codes in round 1 gets them there: per code, the customers
     # whose most likely code it is, and their loss sums.
     looking = AESettings(**{**RECIPE.to_dict(), "split_every": 1, "split_until": 1.0})
-    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=looking)
-    plan = _plan(coordinator)
-    client = _client(tmp_path / "looking")
-    moments, _, _ = client.fit([], _config(plan, "moments"))
-    coordinator.step(moments, server_round=1, num_sites=3)
-    _, arrays, _ = coordinator.instruction()
-    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    coordinator, reply = _first_training_reply(looking, tmp_path / "looking")
     assert reply[4].sum() == 200.0 and reply[5].sum() == pytest.approx(reply[2][0])
     coordinator.step(reply, server_round=2, num_sites=1)
     assert coordinator.code_shares == [list(reply[4] / 200.0)]
 
 
 def test_a_site_answers_a_scaffold_round_with_its_gradient_sum(tmp_path):
-    settings = KMeansSettings(k=2, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
-    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=RECIPE)
-    plan = _plan(coordinator)
-    client = _client(tmp_path)
-    moments, _, _ = client.fit([], _config(plan, "moments"))
-    coordinator.step(moments, server_round=1, num_sites=3)
-    _, arrays, _ = coordinator.instruction()
-    reply, _, _ = client.fit(arrays, _config(plan, "ae_train"))
+    coordinator, reply = _first_training_reply(RECIPE, tmp_path)
     p = coordinator.n_params
     assert [a.shape for a in reply] == [(p,), (1,), (1,), (p,), (2,), (2,)] \
         and reply[1][0] == 200.0
