@@ -687,10 +687,16 @@ def _train_sums(coordinator: AEKMeansCoordinator, counts, losses) -> list[np.nda
             np.full(p, 3.0), np.array(counts, dtype=float), np.array(losses, dtype=float)]
 
 
-def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss():
+def _splitting_coordinator() -> AEKMeansCoordinator:
+    """A :data:`SPLITTING` run after its moments round (30 customers, 2 sites)."""
     settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
     coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=SPLITTING)
     coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    return coordinator
+
+
+def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss():
+    coordinator = _splitting_coordinator()
     # Training round 1 is no look (else code 0, the largest loss, would be split off) ...
     coordinator.step(_train_sums(coordinator, [10, 0, 20], [9.0, 0.0, 6.0]), server_round=2,
                      num_sites=2)
@@ -706,9 +712,7 @@ def test_the_server_splits_a_dead_code_off_the_live_code_with_the_largest_loss()
 
 
 def test_code_sums_are_read_only_in_the_rounds_that_release_them():
-    settings = KMeansSettings(k=3, n_init=1, init_rounds=1, init_candidates=4, max_rounds=3)
-    coordinator = AEKMeansCoordinator(settings=settings, features=FEATURES, ae=SPLITTING)
-    coordinator.step(_moments(30.0), server_round=1, num_sites=2)
+    coordinator = _splitting_coordinator()
     # Round 1 releases none (not a look): whatever arrives there is not read.
     coordinator.step(_train_sums(coordinator, [12, 1, 18], [3.0, 0.0, 6.0]), server_round=2,
                      num_sites=2)
