@@ -84,8 +84,6 @@ class AEKMeansCoordinator(CoordinatorViews):
     """Released loss of the model embedded: the kept candidate's or, with moves, the kept
     move's (``loss_per_round[-1]`` is the last round trained, often a rejected move's)."""
     final_code_shares: list[float] | None = None
-    moves_stopped: str | None = None
-    """Why the moves ended before ``moves`` were tried, if they did."""
     inner: KMeansCoordinator | None = None
     _moments_sites: int = 0
     _round_started: float = field(default_factory=time.perf_counter)
@@ -354,8 +352,7 @@ class AEKMeansCoordinator(CoordinatorViews):
         order = [(i, j, int(c)) for _, i, j in pairs
                  for c in np.argsort(-mean_loss, kind="stable")
                  if c not in (i, j) and shares[c] > 0]
-        if not order:  # no code in use outside the pairs: no move to try
-            self.moves_stopped = "fewer than three codes in use: no move to try"
+        if not order:  # unreachable with embed_dim >= 3 (AESettings checks it); never divide by 0
             self.phase = Phase.EMBED
             return
         i, j, source = order[self._move_rank % len(order)]
@@ -435,7 +432,6 @@ class AEKMeansCoordinator(CoordinatorViews):
                             "loss_before_moves": self.settled_loss,
                             "final_loss": self.final_loss,
                             "final_code_shares": self.final_code_shares,
-                            "moves_stopped": self.moves_stopped,
                             "code_shares_last_round": (self.code_shares[-1]
                                                        if self.code_shares else None),
                             "client_drift_fix": ", ".join(
