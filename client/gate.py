@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from client import pseudonyms
 from client.contract import DataContract, load_contract
 from client.site_key import SiteKey
 from client.site_store import SiteStore
@@ -110,40 +111,58 @@ class GateReport:
 
 @dataclass(frozen=True)
 class GatedData:
-    """The gate's output: the site's computable records and their pseudonyms, aligned."""
+    """The gate's output: the site's computable records and their pseudonyms, aligned.
+
+    Attributes
+    ----------
+    site : SiteData
+    digests : ndarray of uint8, shape (n, 32)
+        Each row's pseudonym as its HMAC-SHA256 digest.
+    report : GateReport
+    """
 
     site: SiteData
-    pseudonyms: NDArray[Any]
+    digests: NDArray[np.uint8]
     report: GateReport
+
+    @cached_property
+    def pseudonyms(self) -> NDArray[Any]:
+        """Each row's pseudonym, 64 hex characters (built on first use)."""
+        return pseudonyms.to_hex(self.digests)
 
 
 @dataclass(frozen=True)
 class _Validated:
-    """Source rows after validation and pseudonymisation (cached between rounds)."""
+    """Source rows after validation and pseudonymisation (cached between rounds).
+
+    ``digests`` holds the pseudonyms as 32-byte HMAC digests (:mod:`client.pseudonyms`); their
+    64-character hex form (``pseudonyms``) is built only when a command asks for it.
+    """
 
     matrix: NDArray[np.float64]
-    pseudonyms: NDArray[Any]
+    digests: NDArray[np.uint8]
     consent: NDArray[np.bool_] | None
     rows_read: int
     invalid: dict[str, int]
     clipped: dict[str, int]
     transactions: dict[str, Any]
     location: str
-    _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
-    def marks(self, pseudonyms: set[str]) -> NDArray[np.bool_]:
-        """Boolean mask of the rows whose pseudonym is in ``pseudonyms``."""
-        out = np.zeros(self.pseudonyms.size, dtype=bool)
-        if not pseudonyms:
-            return out
-        if len(pseudonyms) * 4 > self.pseudonyms.size:  # a large set: one pass over the rows
-            return np.fromiter((p in pseudonyms for p in self.pseudonyms), dtype=bool,
-                               count=self.pseudonyms.size)
-        if not self._index:  # built once per source version (pseudonyms are unique here)
-            self._index.update((p, i) for i, p in enumerate(self.pseudonyms.tolist()))
-        index = self._index
-        out[[index[p] for p in pseudonyms if p in index]] = True
-        return out
+    @cached_property
+    def pseudonyms(self) -> NDArray[Any]:
+        """The rows' pseudonyms (64 hex characters each)."""
+        return pseudonyms.to_hex(self.digests)
+
+    @property
+    def size(self) -> int:
+        """Number of valid rows."""
+        return int(self.digests.shape[0])
+
+    def marks(self, wanted: set[str]) -> NDArray[np.bool_]:
+        """Boolean mask of the rows whose pseudonym is in ``wanted``."""
+        if not wanted:
+            return np.zeros(self.size, dtype=bool)
+        return pseudonyms.member_mask(self.digests, pseudonyms.from_hex(wanted))
 
 
 def _first(mask: NDArray[np.bool_]) -> int | None:
@@ -159,16 +178,16 @@ def _validate(contract: DataContract, rows: SourceRows, key: SiteKey) -> _Valida
         raise DataError("the source holds no customer rows (an empty site); expected at least "
                         "one.", path=where)
     problems: list[tuple[NDArray[np.bool_], str, str | None, str]] = []
-    ids = rows.ids
-    missing_id = np.fromiter((v is None or v == "" for v in ids), dtype=bool, count=n)
+    # Every id is normalised and hashed in one batch; duplicates are found among the digests
+    # (equal digests <=> equal normalised ids); the raw ids go no further.
+    if rows.id_column is not None:
+        digests, status = key.column_digests(rows.id_column)
+    else:
+        digests, status = key.digests(rows.id_values().tolist(), strip=True)
+    missing_id = status == pseudonyms.MISSING
     problems.append((missing_id, "missing subject id", contract.subject_id,
                      "a subject id (it is empty)"))
-    if len(set(ids.tolist())) == n:  # the usual case, 5x faster than sorting the ids
-        duplicate = np.zeros(n, dtype=bool)
-    else:
-        _, inverse, counts = np.unique(ids.astype(str), return_inverse=True,
-                                       return_counts=True)
-        duplicate = (counts[inverse] > 1) & ~missing_id
+    duplicate = pseudonyms.duplicate_rows(digests, missing_id)
     problems.append((duplicate, "duplicate subject id", contract.subject_id,
                      "each subject once (this id also appears in another row)"))
     for f in contract.features:
@@ -223,9 +242,11 @@ def _validate(contract: DataContract, rows: SourceRows, key: SiteKey) -> _Valida
                             "fix the source or set on_invalid: quarantine.", path=where,
                             row=first)
         invalid_counts["invalid transaction"] = int(rows.transactions["invalid"])
-    keep = ~invalid
+    keep: NDArray[np.bool_] | slice = ~invalid
+    if not invalid.any():
+        keep = slice(None)  # every row: no copies
     specs = contract.feature_specs()
-    matrix = np.empty((int(keep.sum()), len(specs)), dtype=np.float64)
+    matrix = np.empty((n - int(np.count_nonzero(invalid)), len(specs)), dtype=np.float64)
     clipped: dict[str, int] = {}
     col = 0
     for f in contract.features:
@@ -240,14 +261,12 @@ def _validate(contract: DataContract, rows: SourceRows, key: SiteKey) -> _Valida
             outside = int(np.count_nonzero((values < low) | (values > high)))
             if outside:
                 clipped[f.name] = outside
-            values = np.clip(values, low, high)
-        matrix[:, col] = values
+            np.clip(values, low, high, out=matrix[:, col])
+        else:
+            matrix[:, col] = values
         col += 1
-    kept_ids = ids[keep]
-    pseudonyms = np.asarray(key.pseudonymise(str(v) for v in kept_ids), dtype=object)
-    del kept_ids
     consent = None if rows.consent is None else rows.consent[keep] == 1.0
-    return _Validated(matrix=matrix, pseudonyms=pseudonyms, consent=consent,
+    return _Validated(matrix=matrix, digests=digests[keep], consent=consent,
                       rows_read=n + len(rows.rejected),
                       invalid=invalid_counts, clipped=clipped,
                       transactions={k: v for k, v in rows.transactions.items()
@@ -345,7 +364,6 @@ class PrivacyGate:
         v = self.validated()
         active, withdrawn = self.store.consent_state(self.contract.purpose, at)
         erased = self.store.erased()
-        pseud = v.pseudonyms
         is_erased, in_ledger, is_withdrawn = (v.marks(group) for group in
                                               (erased, active, withdrawn))
         if v.consent is None:
@@ -356,7 +374,7 @@ class PrivacyGate:
             withdrawn_mask = is_withdrawn & ~is_erased
         keep = consents & ~is_erased
         excluded = {
-            "invalid": v.rows_read - int(pseud.size),
+            "invalid": v.rows_read - v.size,
             "erased": int(np.count_nonzero(is_erased)),
             "withdrawn": int(np.count_nonzero(withdrawn_mask)),
             "no_consent": int(np.count_nonzero(~consents & ~is_erased & ~withdrawn_mask)),
@@ -366,7 +384,7 @@ class PrivacyGate:
                             invalid_by_reason=dict(v.invalid), clipped=dict(v.clipped),
                             transactions=dict(v.transactions), at=at.isoformat())
         return GatedData(site=SiteData(raw=v.matrix[keep], features=self.features),
-                         pseudonyms=pseud[keep], report=report)
+                         digests=v.digests[keep], report=report)
 
     def raw_ids(self) -> list[tuple[str, str]]:
         """Return (raw id, pseudonym) of every valid source row, for the site's own exports.
@@ -375,14 +393,14 @@ class PrivacyGate:
         export-assignments`` calls it, to give the site's marketing tools their own ids.
         """
         rows = read_source(self.contract)
-        ids = [str(v) for v in rows.ids if v is not None and v != ""]
+        ids = [i for i in (normalise_id(v) for v in rows.id_values()) if i is not None]
         return list(zip(ids, self.key.pseudonymise(ids), strict=True))
 
     def find(self, raw_id: str) -> tuple[str, NDArray[np.float64] | None]:
         """Return a subject's pseudonym and its validated feature row (``None`` if absent)."""
         pseudonym = self.key.pseudonym(normalise_id(raw_id) or "")
         v = self.validated()
-        hits = np.flatnonzero(v.pseudonyms == pseudonym)
+        hits = np.flatnonzero(v.marks({pseudonym}))
         return pseudonym, None if hits.size == 0 else v.matrix[int(hits[0])]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from client import pseudonyms
 from client.audit_chain import verify_chain
 from client.contract import DataContract, load_contract, source_columns
 from client.gate import PrivacyGate
@@ -167,6 +168,10 @@ def cmd_check(site: Site, args: argparse.Namespace) -> int:
                                              "withdrawals override it)" if c.consent.column
                                              else " (site store)"))
     print(f"invalid    {c.on_invalid}")
+    print("pseudonyms HMAC-SHA256 under the site key, " + (
+        "batch hashing in C (OpenSSL)" if pseudonyms.backend() == "native" else
+        "hashed in Python: the C module was not built (no C compiler or OpenSSL headers at "
+        "install time); same pseudonyms, slower on large sources"))
     if not c.key_path.is_file():
         print(f"key        {c.key_path} does not exist yet: run fedseg-site keygen")
         return 2

@@ -130,6 +130,10 @@ class SegmentEncoder:
                 raise ValueError(f"weights dtype {weights_doc.get('dtype')!r}; expected "
                                  f"{WEIGHTS_DTYPE!r}")
             raw = base64.b64decode(str(weights_doc["base64"]), validate=True)
+            size = np.dtype(WEIGHTS_DTYPE).itemsize
+            if len(raw) % size:
+                raise ValueError(f"'encoder.weights' holds {len(raw)} bytes, not whole "
+                                 f"{WEIGHTS_DTYPE} values ({size} bytes each)")
             weights = np.frombuffer(raw, dtype=WEIGHTS_DTYPE).astype(np.float64)
             mean = np.asarray(doc["embedding_scaling"]["mean"], dtype=np.float64)
             std = np.asarray(doc["embedding_scaling"]["std"], dtype=np.float64)

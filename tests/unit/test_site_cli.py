@@ -37,6 +37,7 @@ def test_check_lists_used_ignored_and_excluded(tmp_path: Path,
     assert code == 0
     assert "never read name, email (direct identifiers, by contract)" in out
     assert "3 would take part now" in out and "1 no consent" in out
+    assert "pseudonyms HMAC-SHA256 under the site key" in out
 
 
 @pytest.mark.parametrize(("change", "expected"), [
