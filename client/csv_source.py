@@ -177,7 +177,9 @@ def _read_with_duckdb(
               for key, c in (("site", site_column), ("label", label_column)) if c]
     options = ("header=true, delim=',', quote='\"', escape='\"', strict_mode=true, "
                "null_padding=false, store_rejects=true, auto_detect=false")
-    con = duckdb.connect()
+    from client.sources import connect_engine
+
+    con = connect_engine()  # never spills raw cells to disk
     try:
         result = con.execute(
             f"SELECT {', '.join(parts)} FROM read_csv(?, columns={columns}, {options})",

@@ -135,6 +135,10 @@ def _typed(expr: str, f: FeatureContract, params: list[Any], *, text: bool) -> s
 
 def engine_error(exc: BaseException) -> str:
     """Return a database error's first line with quoted literals masked (cells stay local)."""
+    if _out_of_memory(exc):
+        return ("the source needs more memory than the engine may use, and fedseg never lets "
+                "it spill customer data to disk: run the site on a machine with more memory, "
+                "or split the source")
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return re.sub(r"'[^']*'?", "'…'", first)
 
@@ -272,6 +276,24 @@ def _read_csv_python(contract: DataContract) -> SourceRows:
     return result
 
 
+def connect_engine() -> Any:
+    """Return a new in-memory DuckDB connection that never writes customer data to disk.
+
+    DuckDB's default in-memory database spills to ``./.tmp`` when a query outgrows its memory
+    limit: raw ids and cell values, unencrypted, in the process's working directory. With no
+    temporary directory such a query fails instead (:func:`engine_error` says what to do).
+    """
+    import duckdb
+
+    return duckdb.connect(config={"temp_directory": ""})
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import duckdb
+
+    return isinstance(exc, duckdb.OutOfMemoryException)
+
+
 _ENGINES = threading.local()
 
 
@@ -283,11 +305,9 @@ def _reader_engine() -> Any:
     """
     import os
 
-    import duckdb
-
     con, pid = getattr(_ENGINES, "con", None), getattr(_ENGINES, "pid", None)
     if con is None or pid != os.getpid():  # never a connection inherited through fork()
-        con = _ENGINES.con = duckdb.connect()
+        con = _ENGINES.con = connect_engine()
         _ENGINES.pid = os.getpid()
     return con
 
@@ -360,17 +380,19 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
         try:
             sql, params, where = _customer_query(contract, fast, fast=True)
             table = fast.sql(sql, params=params).to_arrow_table()
-        except duckdb.Error:
+        except duckdb.Error as exc:
+            if _out_of_memory(exc):
+                raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
             table = None  # read again below, every cell as text
-    con = duckdb.connect()  # its own: the reject_errors table is per connection
+    con = connect_engine()  # its own: the reject_errors table is per connection
     rejected: list[tuple[int, str]] = []
     try:
         if table is None:
             sql, params, where = _customer_query(contract, con, fast=False)
             try:
                 table = con.sql(sql, params=params).to_arrow_table()
-            except duckdb.Error:
-                if contract.source.kind != "csv":
+            except duckdb.Error as exc:
+                if contract.source.kind != "csv" or _out_of_memory(exc):
                     raise
                 return _read_csv_python(contract)
             rejected = _rejects(con, contract.source.kind)
@@ -446,7 +468,7 @@ def _read_file_transactions(contract: DataContract) -> SourceRows:
     t = contract.transactions
     assert t is not None
     where = contract.source_location
-    con = duckdb.connect()
+    con = connect_engine()
     try:
         con.execute("SET TimeZone = 'UTC'")
         relation, exprs, where, params = _file_relation(contract, con)

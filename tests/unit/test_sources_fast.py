@@ -106,3 +106,24 @@ def test_a_cell_the_typed_read_refuses_is_read_as_text(tmp_path: Path) -> None:
     assert _same(out.values["visits"], [3.0, np.nan])  # invalid: the gate decides what to do
     assert _same(out.values["member"], [1.0, 0.0])
     assert _same(out.consent, [1.0, np.nan])
+
+
+def test_the_engine_never_spills_customer_data_to_disk(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # DuckDB's default in-memory database spills to ./.tmp past its memory limit: raw cells,
+    # unencrypted. The gate's connections have no temporary directory: the query fails instead.
+    import duckdb
+
+    monkeypatch.chdir(tmp_path)
+    assert sources._reader_engine().sql(
+        "SELECT current_setting('temp_directory')").fetchall() == [("",)]
+    con = sources.connect_engine()
+    try:
+        con.execute("SET memory_limit = '40MB'")
+        with pytest.raises(duckdb.OutOfMemoryException) as caught:
+            con.sql("SELECT md5(range::VARCHAR) AS s FROM range(3000000) ORDER BY s") \
+                .to_arrow_table()
+    finally:
+        con.close()
+    assert list(tmp_path.iterdir()) == []
+    assert "never lets it spill customer data to disk" in sources.engine_error(caught.value)
