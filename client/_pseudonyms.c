@@ -301,10 +301,28 @@ done:
     return result;
 }
 
-static size_t table_size(Py_ssize_t n) {
-    size_t size = 1024;
-    while (size < (size_t)n * 2) size <<= 1;
-    return size;
+/* An open-addressing table of row indices, keyed by each digest's first 8 bytes (a keyed hash:
+ * uniform already). Sized for n rows at most half full; every slot empty (-1). */
+static int64_t *table_new(Py_ssize_t n, size_t *size) {
+    *size = 1024;
+    while (*size < (size_t)n * 2) *size <<= 1;
+    int64_t *slots = PyMem_Malloc(sizeof(int64_t) * *size);
+    if (slots != NULL) {
+        for (size_t s = 0; s < *size; s++) slots[s] = -1;
+    }
+    return slots;
+}
+
+/* The slot of the row of `rows` whose digest equals `digest`, or the empty slot it would take. */
+static inline size_t table_probe(const int64_t *slots, size_t size, const unsigned char *rows,
+                                 const unsigned char *digest) {
+    uint64_t h;
+    memcpy(&h, digest, sizeof h);
+    size_t s = (size_t)h & (size - 1);
+    while (slots[s] >= 0 && memcmp(rows + (size_t)slots[s] * DIGEST, digest, DIGEST) != 0) {
+        s = (s + 1) & (size - 1);
+    }
+    return s;
 }
 
 static PyObject *members(PyObject *self, PyObject *args) {
@@ -312,48 +330,34 @@ static PyObject *members(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "y*y*", &digests, &wanted)) return NULL;
     PyObject *result = NULL;
+    int64_t *slots = NULL;
+    size_t size = 0;
     if (digests.len % DIGEST != 0 || wanted.len % DIGEST != 0) {
         PyErr_SetString(PyExc_ValueError, "members: digests must be 32 bytes each");
         goto done;
     }
     Py_ssize_t n = digests.len / DIGEST, m = wanted.len / DIGEST;
     result = PyBytes_FromStringAndSize(NULL, n);
-    if (result == NULL) goto done;
-    unsigned char *hit = (unsigned char *)PyBytes_AS_STRING(result);
-    size_t size = table_size(m);
-    int64_t *slots = PyMem_Malloc(sizeof(int64_t) * size);
-    if (slots == NULL) {
+    slots = table_new(m, &size);
+    if (result == NULL || slots == NULL) {
         Py_CLEAR(result);
         PyErr_NoMemory();
         goto done;
     }
+    unsigned char *hit = (unsigned char *)PyBytes_AS_STRING(result);
     const unsigned char *d = (const unsigned char *)digests.buf;
     const unsigned char *w = (const unsigned char *)wanted.buf;
     Py_BEGIN_ALLOW_THREADS
-    for (size_t s = 0; s < size; s++) slots[s] = -1;
     for (Py_ssize_t j = 0; j < m; j++) {
-        uint64_t h;
-        memcpy(&h, w + (size_t)j * DIGEST, sizeof h);
-        size_t s = (size_t)h & (size - 1);
-        while (slots[s] >= 0) s = (s + 1) & (size - 1);
-        slots[s] = j;
+        size_t s = table_probe(slots, size, w, w + (size_t)j * DIGEST);
+        if (slots[s] < 0) slots[s] = j;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t h;
-        memcpy(&h, d + (size_t)i * DIGEST, sizeof h);
-        size_t s = (size_t)h & (size - 1);
-        hit[i] = 0;
-        while (slots[s] >= 0) {
-            if (memcmp(w + (size_t)slots[s] * DIGEST, d + (size_t)i * DIGEST, DIGEST) == 0) {
-                hit[i] = 1;
-                break;
-            }
-            s = (s + 1) & (size - 1);
-        }
+        hit[i] = slots[table_probe(slots, size, w, d + (size_t)i * DIGEST)] >= 0;
     }
     Py_END_ALLOW_THREADS
-    PyMem_Free(slots);
 done:
+    PyMem_Free(slots);
     PyBuffer_Release(&digests);
     PyBuffer_Release(&wanted);
     return result;
@@ -364,45 +368,38 @@ static PyObject *duplicates(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "y*y*", &digests, &skip)) return NULL;
     PyObject *result = NULL;
+    int64_t *slots = NULL;
+    size_t size = 0;
     Py_ssize_t n = skip.len;
     if (digests.len != n * DIGEST) {
         PyErr_SetString(PyExc_ValueError, "duplicates: digests must be 32 bytes per row");
         goto done;
     }
     result = PyBytes_FromStringAndSize(NULL, n);
-    if (result == NULL) goto done;
-    unsigned char *dup = (unsigned char *)PyBytes_AS_STRING(result);
-    memset(dup, 0, (size_t)n);
-    size_t size = table_size(n);
-    int64_t *slots = PyMem_Malloc(sizeof(int64_t) * size);
-    if (slots == NULL) {
+    slots = table_new(n, &size);
+    if (result == NULL || slots == NULL) {
         Py_CLEAR(result);
         PyErr_NoMemory();
         goto done;
     }
+    unsigned char *dup = (unsigned char *)PyBytes_AS_STRING(result);
     const unsigned char *d = (const unsigned char *)digests.buf;
     const unsigned char *sk = (const unsigned char *)skip.buf;
+    memset(dup, 0, (size_t)n);
     Py_BEGIN_ALLOW_THREADS
-    for (size_t s = 0; s < size; s++) slots[s] = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (sk[i]) continue;
-        uint64_t h;
-        memcpy(&h, d + (size_t)i * DIGEST, sizeof h); /* a keyed hash: uniform already */
-        size_t s = (size_t)h & (size - 1);
-        while (slots[s] >= 0) {
-            int64_t j = slots[s];
-            if (memcmp(d + (size_t)j * DIGEST, d + (size_t)i * DIGEST, DIGEST) == 0) {
-                dup[i] = 1;
-                dup[j] = 1;
-                break;
-            }
-            s = (s + 1) & (size - 1);
+        size_t s = table_probe(slots, size, d, d + (size_t)i * DIGEST);
+        if (slots[s] >= 0) {
+            dup[i] = 1;
+            dup[slots[s]] = 1;
+        } else {
+            slots[s] = i;
         }
-        if (slots[s] < 0) slots[s] = i;
     }
     Py_END_ALLOW_THREADS
-    PyMem_Free(slots);
 done:
+    PyMem_Free(slots);
     PyBuffer_Release(&digests);
     PyBuffer_Release(&skip);
     return result;
