@@ -39,6 +39,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/random.h>
 
 #define DIGEST 32
 #define BLOCK 64
@@ -96,6 +97,7 @@ typedef struct {
     const void *offsets; /* column mode: Arrow offsets (int32, or int64 when wide) */
     int wide;
     const unsigned char *data;
+    int64_t data_len;
     int strip;
     Py_ssize_t start, stop;
     unsigned char *out;
@@ -145,6 +147,11 @@ static void *run_column(void *arg) {
     for (Py_ssize_t i = job->start; i < job->stop; i++) {
         int64_t a = job->wide ? o64[i] : o32[i];
         int64_t b = job->wide ? o64[i + 1] : o32[i + 1];
+        if (a < 0 || b < a || b > job->data_len) { /* changed since checked: read nothing */
+            memset(job->out + (size_t)i * DIGEST, 0, DIGEST);
+            job->status[i] = 1;
+            continue;
+        }
         hash_value(job, i, job->data + a, b - a);
     }
     return NULL;
@@ -253,7 +260,8 @@ static PyObject *hmac_column(PyObject *self, PyObject *args) {
     pads_t pads;
     memset(&pads, 0, sizeof pads);
     Py_ssize_t width = wide ? (Py_ssize_t)sizeof(int64_t) : (Py_ssize_t)sizeof(int32_t);
-    if (start < 0 || n < 0 || offsets.len / width < start + n + 1) {
+    /* start + n + 1 <= offsets, written without an addition that could overflow */
+    if (start < 0 || n < 0 || n > offsets.len / width - 1 || start > offsets.len / width - 1 - n) {
         PyErr_SetString(PyExc_ValueError, "pseudonyms: offsets buffer shorter than start + n + 1");
         goto done;
     }
@@ -283,6 +291,7 @@ static PyObject *hmac_column(PyObject *self, PyObject *args) {
     proto.offsets = base;
     proto.wide = wide;
     proto.data = (const unsigned char *)data.buf;
+    proto.data_len = (int64_t)data.len;
     proto.strip = 1;
     proto.out = (unsigned char *)out.buf;
     proto.status = (unsigned char *)status.buf;
@@ -301,8 +310,8 @@ done:
     return result;
 }
 
-/* An open-addressing table of row indices, keyed by each digest's first 8 bytes (a keyed hash:
- * uniform already). Sized for n rows at most half full; every slot empty (-1). */
+/* An open-addressing table of row indices, keyed by a keyed mix of each digest (table_hash).
+ * Sized for n rows at most half full; every slot empty (-1). */
 static int64_t *table_new(Py_ssize_t n, size_t *size) {
     *size = 1024;
     while (*size < (size_t)n * 2) *size <<= 1;
@@ -313,12 +322,33 @@ static int64_t *table_new(Py_ssize_t n, size_t *size) {
     return slots;
 }
 
+/* Odd multipliers drawn at import: digests taken from the store could be chosen to collide
+ * on any fixed bits, which would make every probe walk the whole table. */
+static uint64_t table_key[5] = {0x9e3779b97f4a7c15ULL, 0xc2b2ae3d27d4eb4fULL,
+                                0x165667b19e3779f9ULL, 0xd6e8feb86659fd93ULL,
+                                0xff51afd7ed558ccdULL};
+
+static void table_key_init(void) {
+    uint64_t drawn[5];
+    if (getrandom(drawn, sizeof drawn, 0) == (ssize_t)sizeof drawn) {
+        for (int i = 0; i < 5; i++) table_key[i] = drawn[i] | 1;
+    }
+}
+
+static inline uint64_t table_hash(const unsigned char *digest) {
+    uint64_t w[4];
+    memcpy(w, digest, sizeof w);
+    uint64_t h = w[0] * table_key[0] + w[1] * table_key[1] + w[2] * table_key[2]
+        + w[3] * table_key[3];
+    h ^= h >> 32;
+    h *= table_key[4];
+    return h ^ (h >> 29);
+}
+
 /* The slot of the row of `rows` whose digest equals `digest`, or the empty slot it would take. */
 static inline size_t table_probe(const int64_t *slots, size_t size, const unsigned char *rows,
                                  const unsigned char *digest) {
-    uint64_t h;
-    memcpy(&h, digest, sizeof h);
-    size_t s = (size_t)h & (size - 1);
+    size_t s = (size_t)table_hash(digest) & (size - 1);
     while (slots[s] >= 0 && memcmp(rows + (size_t)slots[s] * DIGEST, digest, DIGEST) != 0) {
         s = (s + 1) & (size - 1);
     }
@@ -426,4 +456,7 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__pseudonyms(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__pseudonyms(void) {
+    table_key_init();
+    return PyModule_Create(&module);
+}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ except ImportError:  # not built: the Python path below gives the same digests
 
 DIGEST = 32
 OK, MISSING, NON_ASCII_EDGE, STRIPPED = 0, 1, 2, 3
+_PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 
 
 def backend() -> str:
@@ -175,26 +177,17 @@ def from_hex(pseudonyms: Iterable[str]) -> NDArray[np.uint8]:
 
     Pseudonyms are always written in that form, so anything else can match no row.
     """
-    good = [p for p in pseudonyms if isinstance(p, str) and len(p) == 2 * DIGEST
-            and p == p.lower()]
-    try:
-        raw = bytes.fromhex("".join(good))
-    except ValueError:  # one is not hex: sort them out one by one
-        raw = b"".join(_hex_or_empty(p) for p in good)
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, DIGEST)
-
-
-def _hex_or_empty(text: str) -> bytes:
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        return b""
+    # exactly 64 lowercase hex digits (bytes.fromhex would skip spaces and shift every digest
+    # after a malformed entry)
+    good = [p for p in pseudonyms if isinstance(p, str) and _PSEUDONYM.fullmatch(p)]
+    return np.frombuffer(bytes.fromhex("".join(good)), dtype=np.uint8).reshape(-1, DIGEST)
 
 
 def member_mask(d: NDArray[np.uint8], wanted: NDArray[np.uint8]) -> NDArray[np.bool_]:
     """Return the rows of ``d`` whose digest is one of ``wanted`` (exact, all 32 bytes).
 
-    Native: a hash table of ``wanted``. Python: rows are matched on their first 8 bytes (sorted
+    Native: a hash table of ``wanted`` (keyed per process, so chosen digests cannot all
+    collide). Python: rows are matched on their first 8 bytes (sorted
     search) and then confirmed on all 32.
     """
     n = d.shape[0]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import gzip
 import re
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +79,11 @@ class SourceRows:
         return len(self.id_column) if self.ids is None else int(self.ids.shape[0])
 
     def id_values(self) -> NDArray[Any]:
-        """Return the ids as an object array (made from ``id_column`` on first use)."""
+        """Return the ids as an object array (made from ``id_column`` on first use).
+
+        From ``id_column`` they are as the file holds them, not normalised: apply
+        :func:`normalise_id` (the gate does).
+        """
         if self.ids is None:
             self.ids = _objects(self.id_column.to_numpy(zero_copy_only=False))
         return self.ids
@@ -294,24 +297,6 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.OutOfMemoryException)
 
 
-_ENGINES = threading.local()
-
-
-def _reader_engine() -> Any:
-    """Return this thread's DuckDB connection for fast reads (opened once; threads stay up).
-
-    A fresh in-memory database per read costs ~0.05 s on a 1,000,000-row CSV, a tenth of the
-    read. Only statements without side effects run on it (no ``store_rejects``).
-    """
-    import os
-
-    con, pid = getattr(_ENGINES, "con", None), getattr(_ENGINES, "pid", None)
-    if con is None or pid != os.getpid():  # never a connection inherited through fork()
-        con = _ENGINES.con = connect_engine()
-        _ENGINES.pid = os.getpid()
-    return con
-
-
 def _reader_types(contract: DataContract) -> dict[str, str]:
     """CSV columns the CSV reader may parse itself: DOUBLE or BOOLEAN, for one use only.
 
@@ -375,8 +360,11 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
 
     where = contract.source_location
     table: Any = None
+    rejected: list[tuple[int, str]] = []
+    # One connection per read, closed after it: a DuckDB database must not outlive the read in
+    # a process that may fork (a child that drops an inherited one hangs or crashes).
     if contract.source.kind == "csv":
-        fast = _reader_engine()
+        fast = connect_engine()
         try:
             sql, params, where = _customer_query(contract, fast, fast=True)
             table = fast.sql(sql, params=params).to_arrow_table()
@@ -384,10 +372,11 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
             if _out_of_memory(exc):
                 raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
             table = None  # read again below, every cell as text
-    con = connect_engine()  # its own: the reject_errors table is per connection
-    rejected: list[tuple[int, str]] = []
-    try:
-        if table is None:
+        finally:
+            fast.close()
+    if table is None:
+        con = connect_engine()  # its own: the reject_errors table is per connection
+        try:
             sql, params, where = _customer_query(contract, con, fast=False)
             try:
                 table = con.sql(sql, params=params).to_arrow_table()
@@ -396,10 +385,10 @@ def _read_file_customers(contract: DataContract) -> SourceRows:
                     raise
                 return _read_csv_python(contract)
             rejected = _rejects(con, contract.source.kind)
-    except duckdb.Error as exc:
-        raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
-    finally:
-        con.close()
+        except duckdb.Error as exc:
+            raise DataError(f"cannot be read ({engine_error(exc)}).", path=where) from None
+        finally:
+            con.close()
     values: dict[str, NDArray[Any]] = {}
     for j, f in enumerate(contract.features):
         column = table.column(f"v{j}")

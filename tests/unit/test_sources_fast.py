@@ -79,10 +79,10 @@ def test_the_typed_csv_read_equals_the_text_read(root: Path, table: tuple[bool, 
         assert typed == {"spend": "DOUBLE", "visits": "DOUBLE", "member": "BOOLEAN",
                          "consent": "BOOLEAN"}
         if clean:  # the typed read itself succeeds: the comparison below is of both reads
-            sql, params, _ = sources._customer_query(contract, sources._reader_engine(),
-                                                     fast=True)
-            assert sources._reader_engine().sql(sql, params=params).to_arrow_table() \
-                .num_rows == len(rows)
+            con = sources.connect_engine()
+            sql, params, _ = sources._customer_query(contract, con, fast=True)
+            assert con.sql(sql, params=params).to_arrow_table().num_rows == len(rows)
+            con.close()
         fast = read_source(contract)
         with monkeypatch.context() as m:
             m.setattr(sources, "_reader_types", lambda _contract: {})
@@ -115,10 +115,9 @@ def test_the_engine_never_spills_customer_data_to_disk(tmp_path: Path,
     import duckdb
 
     monkeypatch.chdir(tmp_path)
-    assert sources._reader_engine().sql(
-        "SELECT current_setting('temp_directory')").fetchall() == [("",)]
     con = sources.connect_engine()
     try:
+        assert con.sql("SELECT current_setting('temp_directory')").fetchall() == [("",)]
         con.execute("SET memory_limit = '40MB'")
         with pytest.raises(duckdb.OutOfMemoryException) as caught:
             con.sql("SELECT md5(range::VARCHAR) AS s FROM range(3000000) ORDER BY s") \
@@ -127,3 +126,31 @@ def test_the_engine_never_spills_customer_data_to_disk(tmp_path: Path,
         con.close()
     assert list(tmp_path.iterdir()) == []
     assert "never lets it spill customer data to disk" in sources.engine_error(caught.value)
+
+
+def _read_in_child(contract: str, queue: Any) -> None:
+    queue.put(len(read_source(load_contract(contract))))
+
+
+def test_a_process_forked_after_reads_can_read(tmp_path: Path) -> None:
+    # A DuckDB database that outlived its read (say, one cached per thread) makes a forked
+    # child that drops it hang or crash; a site's worker may fork after it has read.
+    import multiprocessing
+    import threading
+
+    write_csv(tmp_path / "customers.csv", [["A1", "N", "e", "1", "2", "web", "yes", "true"]])
+    (tmp_path / "contract.yaml").write_text(yaml.safe_dump(contract_doc()), "utf-8")
+    contract = str(tmp_path / "contract.yaml")
+    reader = threading.Thread(target=lambda: read_source(load_contract(contract)))
+    reader.start()
+    reader.join()
+    assert len(read_source(load_contract(contract))) == 1
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(contract, queue))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and queue.get(timeout=5) == 1
