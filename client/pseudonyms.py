@@ -30,6 +30,7 @@ except ImportError:  # not built: the Python path below gives the same digests
 DIGEST = 32
 OK, MISSING, NON_ASCII_EDGE, STRIPPED = 0, 1, 2, 3
 _PSEUDONYM = re.compile(r"[0-9a-f]{64}")
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 def backend() -> str:
@@ -179,8 +180,15 @@ def from_hex(pseudonyms: Iterable[str]) -> NDArray[np.uint8]:
     """
     # exactly 64 lowercase hex digits (bytes.fromhex would skip spaces and shift every digest
     # after a malformed entry)
-    good = [p for p in pseudonyms if isinstance(p, str) and _PSEUDONYM.fullmatch(p)]
-    return np.frombuffer(bytes.fromhex("".join(good)), dtype=np.uint8).reshape(-1, DIGEST)
+    good = [p for p in pseudonyms if isinstance(p, str) and len(p) == 2 * DIGEST]
+    joined = "".join(good)
+    try:
+        clean = not joined.encode("ascii").translate(None, _HEX_DIGITS)
+    except UnicodeEncodeError:
+        clean = False
+    if not clean:  # rare: drop the entries that are not pseudonyms
+        joined = "".join(p for p in good if _PSEUDONYM.fullmatch(p))
+    return np.frombuffer(bytes.fromhex(joined), dtype=np.uint8).reshape(-1, DIGEST)
 
 
 def member_mask(d: NDArray[np.uint8], wanted: NDArray[np.uint8]) -> NDArray[np.bool_]:

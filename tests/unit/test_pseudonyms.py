@@ -160,7 +160,7 @@ def test_from_hex_skips_what_no_pseudonym_can_be() -> None:
     # "00" * 31 + "  " is 64 characters that bytes.fromhex would read as 31 bytes, shifting
     # every digest after it
     out = pseudonyms.from_hex([good, good.upper(), "zz" * 32, "ab" * 31, "00" * 31 + "  ",
-                               " " + "ab" * 31 + "a", other, 7])  # type: ignore[list-item]
+                               " " + "ab" * 31 + "a", "é" * 64, other, 7])  # type: ignore[list-item]
     assert [bytes(r).hex() for r in out] == [good, other]
 
 
