@@ -24,6 +24,37 @@ from common.errors import ConfigError
 DEFAULT_POLL_INTERVAL = 0.1
 """Seconds between two looks for replies (Flower 1.42's own: 3 s)."""
 
+_PULL_DEADLINE = threading.local()
+"""``at``: when the current stage ends (monotonic; set by ``FastPollGrid.send_and_receive``)."""
+
+
+def bound_reply_pulls() -> None:
+    """Cap Flower's pull of a reply's objects by the current stage's deadline (installed once).
+
+    A site that dies while uploading its reply leaves a reply whose objects never arrive;
+    Flower 1.42's deployment grid then retries them (``pull_objects``: up to 500 tries, 7,200 s)
+    until the SuperLink's object-push session expires, about 3 minutes, whatever
+    ``privacy.timeout`` says (measured: a 45 s stage took 185 s). Within a stage, the pull now
+    gives up when the stage does; the reply comes back as Flower's ``MESSAGE_UNAVAILABLE``
+    error, and the site is named as dropped out.
+    """
+    from flwr.superlink.grid import http_grid
+
+    original = http_grid.pull_objects
+    if getattr(original, "fedseg_bounded", False):
+        return
+
+    def pull_objects(*args: Any, **kwargs: Any) -> Any:
+        deadline = getattr(_PULL_DEADLINE, "at", None)
+        if deadline is not None:
+            left = max(0.5, deadline - time.monotonic())
+            given = kwargs.get("max_time")
+            kwargs["max_time"] = left if given is None else min(float(given), left)
+        return original(*args, **kwargs)
+
+    pull_objects.fedseg_bounded = True  # type: ignore[attr-defined]
+    http_grid.pull_objects = pull_objects
+
 
 class StoreSignal:
     """Wakes a waiter as soon as a message is stored, in the same process.
@@ -190,6 +221,7 @@ class FastPollGrid(DelegatingGrid):
             raise ConfigError(f"federation.poll_interval={poll_interval} should be in (0, 10] "
                               "seconds.")
         super().__init__(grid)
+        bound_reply_pulls()
         self.poll_interval = poll_interval
         self.names: dict[int, str] = {}
         self.round, self.stage = 0, "fit"
@@ -227,24 +259,28 @@ class FastPollGrid(DelegatingGrid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         signalled, last_full = False, -FULL_LOOK_GAP
-        while pending:
-            seen = REPLY_SIGNAL.generation
-            look = None
-            if signalled and time.monotonic() - last_full < FULL_LOOK_GAP:
-                # Ask only about the messages whose replies were signalled stored.
-                look = REPLY_SIGNAL.take(pending)
-            if look is None:
-                look, last_full = set(pending), time.monotonic()
-            if look:
-                for reply in self.inner.pull_messages(look):
-                    replies.append(reply)
-                    pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            signalled = REPLY_SIGNAL.wait(seen, self.poll_interval)
-            if signalled:
-                # Let the replies landing now arrive together: one look for a burst.
-                time.sleep(MIN_LOOK_GAP)
+        _PULL_DEADLINE.at = deadline  # a reply's objects are pulled no longer than the stage
+        try:
+            while pending:
+                seen = REPLY_SIGNAL.generation
+                look = None
+                if signalled and time.monotonic() - last_full < FULL_LOOK_GAP:
+                    # Ask only about the messages whose replies were signalled stored.
+                    look = REPLY_SIGNAL.take(pending)
+                if look is None:
+                    look, last_full = set(pending), time.monotonic()
+                if look:
+                    for reply in self.inner.pull_messages(look):
+                        replies.append(reply)
+                        pending.discard(reply.metadata.reply_to_message_id)
+                if not pending or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                signalled = REPLY_SIGNAL.wait(seen, self.poll_interval)
+                if signalled:
+                    # Let the replies landing now arrive together: one look for a burst.
+                    time.sleep(MIN_LOOK_GAP)
+        finally:
+            _PULL_DEADLINE.at = None
         REPLY_SIGNAL.forget(ids)
         for reply in replies:
             if reply.has_error():

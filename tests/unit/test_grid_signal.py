@@ -143,3 +143,32 @@ def test_without_named_signals_every_look_asks_about_every_awaited_message():
     assert link.looks[0] == set(link.ids)
     assert all(look == {"m3", "m4"} for look in link.looks[1:]) and len(link.looks) >= 3
     assert sorted(d.reason for d in grid.dropouts) == ["no reply within 0.3 s"] * 2
+
+
+def test_a_reply_whose_objects_never_arrive_is_given_up_with_the_stage():
+    # Flower's deployment grid retries a dead site's half-uploaded reply for minutes
+    # (pull_objects: 500 tries, 7,200 s); inside a stage the pull ends with the stage.
+    import pytest
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    import server.grid as grid_module
+
+    grid_module.bound_reply_pulls()
+    grid_module.bound_reply_pulls()  # installed once, not wrapped twice
+    assert http_grid.pull_objects.fedseg_bounded
+    tries = []
+
+    def never_there(object_id: str) -> bytes:
+        tries.append(object_id)
+        raise ObjectUnavailableError(object_id)
+
+    grid_module._PULL_DEADLINE.at = time.monotonic() + 1.0
+    try:
+        started = time.monotonic()
+        with pytest.raises(ObjectPullError):
+            http_grid.pull_objects(object_ids=["a"], pull_object_fn=never_there)
+        assert time.monotonic() - started < 10  # Flower alone: 500 tries, up to 7,200 s
+        assert 1 <= len(tries) <= 3
+    finally:
+        grid_module._PULL_DEADLINE.at = None
