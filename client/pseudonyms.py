@@ -1,10 +1,10 @@
 """HMAC-SHA256 pseudonyms of whole id columns, as 32-byte digests.
 
 The gate pseudonymises every subject id it reads. :mod:`client._pseudonyms` (C, OpenSSL's
-SHA-256, the GIL released and the column split over the CPUs) does it about 25x faster than a
-Python loop; where it was not built (no C compiler or OpenSSL headers at install time) the same
-digests come from Python's :mod:`hmac`. ``tests/unit/test_pseudonyms.py`` checks both against
-``hmac.digest`` on arbitrary ids.
+SHA-256, the GIL released and the column split over the CPUs) does it about 12x faster than a
+Python loop (1,000,000 ids: 0.06 s instead of 0.73 s); where it was not built (no C compiler
+or OpenSSL headers at install time) the same digests come from Python's :mod:`hmac`.
+``tests/unit/test_pseudonyms.py`` checks both against ``hmac.digest`` on arbitrary ids.
 
 Digests are kept as an ``(n, 32)`` uint8 array; :func:`to_hex` gives the 64-character form the
 store and the CLI use (:meth:`client.site_key.SiteKey.pseudonym`), only when they need it.
@@ -62,7 +62,7 @@ def _python_digests(key: bytes, ids: Sequence[Any], *, strip: bool
             if strip:
                 status[i] = MISSING
                 continue
-        elif text is not raw and text != raw:
+        elif text != raw:
             status[i] = STRIPPED
         out[i] = np.frombuffer(hmac.digest(key, text.encode("utf-8"), "sha256"), np.uint8)
     return out, status

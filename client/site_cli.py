@@ -196,12 +196,16 @@ def _source_header(c: DataContract) -> list[str] | None:
     """Column names of the source (no values), to show what is ignored."""
     try:
         if c.source.path is not None:
-            import duckdb
+            from client.sources import connect_engine
 
             path = str(c.resolve(c.source.path))
             fn = "read_parquet(?)" if c.source.kind == "parquet" else \
                 "read_csv(?, header=true, all_varchar=true)"
-            rows = duckdb.connect().execute(f"DESCRIBE SELECT * FROM {fn}", [path]).fetchall()
+            con = connect_engine()
+            try:
+                rows = con.execute(f"DESCRIBE SELECT * FROM {fn}", [path]).fetchall()
+            finally:
+                con.close()
             return [str(r[0]) for r in rows]
         from sqlalchemy import inspect
 
